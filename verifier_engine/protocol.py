@@ -1,0 +1,44 @@
+"""The ``Verifier`` protocol: the only thing the trainer knows about scoring.
+
+A verifier answers yes/no questions about images. For every image it receives a list of questions (phrased so
+that "yes" means good) and returns one float per question, ``P(yes) / (P(yes) + P(no))`` in ``[0, 1]``.
+Implementations: the in-process backends of this package, the HTTP client, and domain verifiers such as the
+shapes world's programmatic one.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+
+try:  # PIL is a core dependency; the alias only documents what an image may be.
+    from PIL import Image as _PILImage
+    ImageLike = Union["_PILImage.Image", np.ndarray]
+except ImportError:  # pragma: no cover
+    ImageLike = np.ndarray  # type: ignore[misc]
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """Scores yes/no questions about images.
+
+    ``images``: a sequence of ``B`` images, each a ``PIL.Image.Image`` or a ``uint8`` array of shape ``[H, W, 3]``.
+    ``question_lists``: ``B`` sequences of question strings (the questions verbatim, as in RECIPE.md section 4).
+    Returns ``B`` lists of floats, ``out[i][j]`` the score of question ``j`` about image ``i``.
+    """
+
+    def score(self, images: Sequence[ImageLike], question_lists: Sequence[Sequence[str]]) -> list[list[float]]:
+        ...
+
+
+def check_batch(images: Sequence[object], question_lists: Sequence[Sequence[str]]) -> None:
+    """Raise a ``ValueError`` that says what to change when a score call's arguments do not line up."""
+    if len(images) != len(question_lists):
+        raise ValueError(
+            f"score() got {len(images)} images but {len(question_lists)} question lists; pass one list per image")
+    for i, qs in enumerate(question_lists):
+        if isinstance(qs, str):
+            raise ValueError(f"question_lists[{i}] is a string; pass a list of question strings per image")
+        for j, q in enumerate(qs):
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"question_lists[{i}][{j}] must be a non-empty string, got {q!r}")
