@@ -20,7 +20,7 @@ REWARD_MODES = ("geometric", "arithmetic", "semantic")
 
 def _mean_scores(name: str, scores, binary: bool) -> torch.Tensor:
     """Scores as ``[..., Q]`` (a tensor) or a ragged list of lists -> per-item mean over questions ``[...]``."""
-    if isinstance(scores, torch.Tensor) or (len(scores) > 0 and not isinstance(scores[0], (list, tuple))):
+    if isinstance(scores, torch.Tensor) or len(scores) == 0 or not isinstance(scores[0], (list, tuple)):
         t = torch.as_tensor(scores, dtype=torch.float32)
         if t.ndim == 0 or t.shape[-1] == 0:
             raise ValueError(f"{name} has no questions; DVReward needs at least one (use mode='semantic' to drop "

@@ -1,0 +1,53 @@
+"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,data} ...``.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; this file only
+wires them, so importing it does no work and a command's heavy imports happen when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("alphagrpo.train.demo", "short RT2I GRPO run from the shipped checkpoint, with before/after evaluation"),
+    "pretrain": ("alphagrpo.train.pretrain", "supervised pretraining of TinyUMM on rendered scenes"),
+    "train": ("alphagrpo.train.run", "GRPO training (RT2I or SRR) from a named recipe"),
+    "eval": ("alphagrpo.train.evaluate", "held-out accuracy and mean DVReward of a checkpoint"),
+    "refine": ("alphagrpo.train.refine", "inference-time self-reflective refinement on held-out prompts"),
+    "data": ("alphagrpo.worlds.cli", "synthesize prompt data and check the programmatic verifier"),
+}
+
+
+def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alphagrpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_) in commands.items():
+        p = sub.add_parser(name, help=help_)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a command whose module is not in this build
+            if e.name is None or not module.startswith(e.name):
+                raise
+            p.set_defaults(_run=lambda args, _m=module: _missing(_m))
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _missing(module: str) -> int:
+    print(f"error: this install has no module {module}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

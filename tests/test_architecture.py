@@ -1,0 +1,55 @@
+"""ARCHITECTURE.md's dependency direction, enforced by scanning imports (no code is executed)."""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STDLIB_OK = None
+
+
+def _imports(folder: str):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    yield path, a.name
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                yield path, node.module
+
+
+def test_kernels_import_only_torch_triton_and_stdlib():
+    import sys
+    allowed_roots = {"torch", "triton", "numpy", "__future__"} | set(sys.stdlib_module_names)
+    bad = [(p.name, m) for p, m in _imports("kernels")
+           if m.split(".")[0] not in allowed_roots]
+    assert not bad, f"kernels/ must import torch and triton only (plus relative imports): {bad}"
+
+
+def test_verifier_engine_never_imports_alphagrpo():
+    bad = [(p.name, m) for p, m in _imports("verifier_engine") if m.split(".")[0] == "alphagrpo"]
+    assert not bad, f"verifier_engine must stay standalone: {bad}"
+
+
+def test_no_top_level_kernels_package_is_installed_or_imported():
+    bad = [(p.name, m) for folder in ("alphagrpo", "verifier_engine", "kernels", "bench")
+           for p, m in _imports(folder) if m.split(".")[0] == "kernels"]
+    assert not bad, f"import alphagrpo.kernels, never a top-level 'kernels': {bad}"
+    import importlib.util
+    spec = importlib.util.find_spec("alphagrpo.kernels")
+    assert spec is not None and pathlib.Path(spec.origin).parent == ROOT / "kernels"
+
+
+def test_heavy_dependencies_are_not_imported_at_module_level():
+    heavy = {"transformers", "diffusers", "peft", "tensorrt_llm", "pynvml", "liger_kernel", "fastapi", "uvicorn"}
+    bad = []
+    for folder in ("alphagrpo", "verifier_engine", "kernels"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for node in tree.body:  # module level only; lazy imports inside functions are the rule
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                bad += [(path.name, n) for n in names if n.split(".")[0] in heavy]
+    assert not bad, f"import heavy optional dependencies lazily, inside the code that needs them: {bad}"
