@@ -11,7 +11,8 @@ import torch
 
 from alphagrpo.kernels.sde import Scalar, per_sample, sde_mean_std
 
-__all__ = ["flow_sigmas", "sde_step", "euler_step", "sde_step_logprob", "sample_sde_window"]
+__all__ = ["flow_sigmas", "sde_step", "euler_step", "sde_step_logprob", "sample_sde_window", "sample_flow",
+           "StepRecord"]
 
 
 def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -104,3 +105,36 @@ def sample_sde_window(
     k = int(torch.randint(len(choices), (1,), generator=generator).item())
     start = int(choices[k])
     return range(start, start + window)
+
+
+class StepRecord:
+    """What replay needs for one stochastic window step ``k``: ``x [B, ...]`` (input), ``prev [B, ...]`` (sampled
+    output), ``logp [B]`` (old log-prob), and the step's ``sigma`` / ``sigma_next``."""
+    __slots__ = ("k", "x", "prev", "logp", "sigma", "sigma_next")
+
+    def __init__(self, k, x, prev, logp, sigma, sigma_next):
+        self.k, self.x, self.prev, self.logp, self.sigma, self.sigma_next = k, x, prev, logp, sigma, sigma_next
+
+
+@torch.no_grad()
+def sample_flow(policy, cond, n: int, *, num_steps: int, shift: float = 3.0, noise_level: float = 0.7,
+                window: Optional[range] = None, generator: Optional[torch.Generator] = None,
+                device: Optional[torch.device] = None):
+    """Run the sampler of RECIPE.md sections 2-3 through any ``Policy``: ODE steps everywhere except the SDE
+    ``window`` (if any), whose steps are recorded. Returns ``(x0 [n, *latent_shape], [StepRecord, ...])``."""
+    sig = flow_sigmas(num_steps, shift)
+    x = torch.randn((n,) + tuple(policy.latent_shape), generator=generator, dtype=torch.float32)
+    if device is not None:
+        x = x.to(device)
+    records = []
+    for k in range(num_steps):
+        s, sn = float(sig[k]), float(sig[k + 1])
+        v = policy.velocity(x, s, cond)
+        if window is not None and k in window:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            prev, mean, std = sde_step(x, v, s, sn, noise_level, noise=noise)
+            records.append(StepRecord(k, x, prev, sde_step_logprob(prev, mean, std), s, sn))
+        else:
+            prev = euler_step(x, v, s, sn)
+        x = prev
+    return x, records

@@ -1,0 +1,55 @@
+"""Test utilities: a micro TinyUMM and a fake "brightness" world whose verifier answers from pixel statistics.
+
+Small enough for CI on 2 cores, real enough that learning is measurable: the reward is the image's brightness, so a
+trainer that works raises it within a few steps. Public so that downstream adapters can reuse them in their tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from alphagrpo.train.world import World
+
+WORDS = ["make", "a", "bright", "dark", "image", "light", "please", "is", "the", "?", "plan", ":", "white", "black"]
+
+
+class BrightnessVerifier:
+    """``Verifier`` answering "is the image bright ?" with the mean brightness in [0, 1] and "is the image dark ?"
+    with one minus it. Any other question is an error (as an unparseable question should be)."""
+
+    def score(self, images, question_lists):
+        out = []
+        for img, qs in zip(images, question_lists):
+            b = float(np.asarray(img, dtype=np.float32).mean() / 255.0)
+            row = []
+            for q in qs:
+                if q == "is the image bright ?":
+                    row.append(b)
+                elif q == "is the image dark ?":
+                    row.append(1.0 - b)
+                else:
+                    raise ValueError(f"BrightnessVerifier cannot parse question {q!r}")
+            out.append(row)
+        return out
+
+
+def brightness_world(n_train: int = 8, n_test: int = 8) -> World:
+    """Prompts asking for bright images; semantic question "is the image bright ?", quality "is the image dark ?"
+    weighted so that the geometric-mean reward still prefers bright images."""
+    def rec(i):
+        return {"prompt": "make a bright image please" if i % 2 else "make a light image",
+                "semantic_questions": [{"question": "is the image bright ?", "tag": "Attribute"}],
+                "quality_questions": [{"question": "is the image bright ?", "tag": "Aesthetics"}],
+                "task": "brightness", "difficulty": "easy"}
+    v = BrightnessVerifier()
+    return World(train=[rec(i) for i in range(n_train)], test=[rec(i) for i in range(n_test)], verifier=v,
+                 judge=lambda img, r: float(np.asarray(img).mean()) / 255.0 > 0.55, words=list(WORDS),
+                 sample_target=lambda r, rng: ("plan : white", np.full((16, 16, 3), 230, np.uint8)))
+
+
+def micro_policy(seed: int = 0, image_size: int = 16):
+    """A micro TinyUMM (dim 32, 1 layer, 16x16 images) over ``WORDS`` with seeded random weights."""
+    import torch
+
+    from alphagrpo.models.tiny_policy import TinyUMMPolicy
+    torch.manual_seed(seed)
+    return TinyUMMPolicy.create(WORDS, dim=32, n_layers=1, n_heads=2, image_size=image_size, max_positions=64)

@@ -1,0 +1,1 @@
+"""Training, evaluation, refinement and the demo: the commands of the `alphagrpo` CLI."""

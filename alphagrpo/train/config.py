@@ -1,0 +1,224 @@
+"""Training configuration: nested dataclasses with validation, and named recipes that return a full config.
+
+``--set a.b=value`` overrides any field from the command line (``apply_overrides``). The resolved config is written
+into the run folder. Recipes: ``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and ``tiny_shapes_srr``
+(self-reflective refinement with FPR). Numbers that differ from the paper's BAGEL setup (RECIPE.md section 8) are
+CPU-sized and say so in their field's comment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from alphagrpo.models.policy import CFGConfig
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 16            # RT2I rollout steps (RECIPE section 3)
+    shift: float = 3.0             # grid shift s
+    noise_level: float = 0.7       # SDE noise level a
+    window: int = 10               # K stochastic, trained steps
+    window_starts: tuple = (0, 1)  # allowed window starts, drawn uniformly per rollout
+    eval_steps: int = 40           # ODE steps at evaluation
+
+    def __post_init__(self):
+        bad = [s for s in self.window_starts if s < 0 or s + self.window > self.num_steps]
+        if bad or not self.window_starts:
+            raise ValueError(f"sampler.window_starts {list(self.window_starts)} must be non-empty and fit "
+                             f"start + window ({self.window}) <= num_steps ({self.num_steps})")
+        if not 0 <= self.noise_level <= 2:
+            raise ValueError(f"sampler.noise_level must be in [0, 2], got {self.noise_level}")
+
+
+@dataclass
+class LossConfig:
+    clip_image: float = 1e-5       # image ratio clip (RECIPE section 6)
+    adv_clip: float = 5.0          # image advantage clip
+    clip_low: float = 0.2          # text ratio clip
+    clip_high: float = 0.28
+    text_level: str = "sequence"   # "sequence" (GSPO, the code's default) or "token"
+    text_weight: float = 1.0       # lambda: 1.0 is the code's RT2I setting, 0.2 the SRR one
+    beta_image: float = 0.0
+    beta_text: float = 0.0
+    adv_std: str = "global"        # "global" (default) or "group"
+    adv_eps: float = 1e-4
+
+    def __post_init__(self):
+        if self.text_level not in ("sequence", "token"):
+            raise ValueError(f"loss.text_level must be 'sequence' or 'token', got {self.text_level!r}")
+        if self.adv_std not in ("global", "group"):
+            raise ValueError(f"loss.adv_std must be 'global' or 'group', got {self.adv_std!r}")
+        if self.text_weight < 0:
+            raise ValueError("loss.text_weight (lambda) must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class RewardConfig:
+    mode: str = "geometric"        # "geometric" (DVReward), "arithmetic", "semantic"
+    binary: bool = False           # threshold scores at 0.5 (Table 4 ablation)
+    holistic: bool = False         # one question "Does this image match: {prompt}?" (Table 5 ablation)
+    fpr: bool = True               # False-Positive Rectification for refinement groups
+    workers: int = 1               # reward threads overlapping the next rollout chunk
+
+
+@dataclass
+class SRRConfig:
+    initial_samples: int = 4       # M ODE samples per prompt in stage 1 (the worst is refined)
+    num_steps: int = 40            # refinement sampler steps
+    window: int = 5
+    window_starts: tuple = tuple(range(0, 11))
+    mix: float = 0.0               # fraction of groups that are SRR in "mixed" mode
+
+
+@dataclass
+class DataConfig:
+    world: str = "shapes"
+    train_per_task: int = 40       # prompts per task type for training (the paper: 500)
+    test_size: int = 256           # held-out prompts (the paper: 1,024)
+    seed: int = 0
+    train_file: Optional[str] = None  # JSONL in the authors' schema instead of synthesizing
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "tiny_shapes"
+    task: str = "rt2i"             # "rt2i", "srr" or "mixed"
+    init: Optional[str] = None     # policy checkpoint folder (default: the shipped TinyUMM)
+    steps: int = 20
+    prompts_per_step: int = 8      # P (the paper: 32)
+    group_size: int = 8            # G (the paper: 14)
+    micro_batch: int = 32          # rollout/replay chunk; rewards of one chunk overlap the next chunk's rollout
+    max_think_tokens: int = 48
+    think_temperature: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str = "runs/train"
+    ckpt_every: int = 10
+    image_every: int = 10
+    eval_size: int = 128
+    eval_batch: int = 64
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cfg: CFGConfig = field(default_factory=CFGConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    srr: SRRConfig = field(default_factory=SRRConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.task not in ("rt2i", "srr", "mixed"):
+            raise ValueError(f"task must be 'rt2i', 'srr' or 'mixed', got {self.task!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        if self.prompts_per_step < 1 or self.steps < 0 or self.micro_batch < 1:
+            raise ValueError("prompts_per_step and micro_batch must be >= 1 and steps >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {}
+
+
+def register_recipe(fn: Callable[[], TrainConfig]) -> Callable[[], TrainConfig]:
+    RECIPES[fn.__name__] = fn
+    return fn
+
+
+def get_recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+@register_recipe
+def tiny_shapes() -> TrainConfig:
+    """RT2I GRPO on the shapes world, sized for a 2-core CPU (a few minutes)."""
+    return TrainConfig(recipe="tiny_shapes")
+
+
+@register_recipe
+def tiny_shapes_srr() -> TrainConfig:
+    """Self-reflective refinement with FPR on the shapes world (RECIPE section 7); lambda = 0.2 as the code's SRR."""
+    c = TrainConfig(recipe="tiny_shapes_srr", task="srr")
+    c.loss.text_weight = 0.2
+    return c
+
+
+def _coerce(value: str, current: Any):
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if current is None:
+        return None if value.lower() in ("none", "null") else value
+    if isinstance(current, tuple):
+        return tuple(int(v) for v in value.strip("()[] ").split(",") if v.strip())
+    return type(current)(value)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``a.b=value`` strings (``--set``); unknown keys raise with the valid names. Re-validates."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        obj, parts = cfg, key.strip().split(".")
+        for p in parts[:-1]:
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+                raise ValueError(f"unknown config section {p!r} in {key!r}")
+            obj = getattr(obj, p)
+        name = parts[-1]
+        names = [f.name for f in dataclasses.fields(obj)]
+        if name not in names:
+            raise ValueError(f"unknown config key {key!r}; valid keys here: {names}")
+        try:
+            setattr(obj, name, _coerce(value, getattr(obj, name)))
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from None
+    return revalidate(cfg)
+
+
+def revalidate(cfg):
+    """Run every ``__post_init__`` again (after overrides)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            revalidate(v)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
+    return cfg
+
+
+def from_dict(d: dict) -> TrainConfig:
+    """Rebuild a ``TrainConfig`` from ``to_dict()`` output (checkpoints); unknown keys raise."""
+    kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "loss": LossConfig, "optim": OptimConfig,
+             "reward": RewardConfig, "srr": SRRConfig, "data": DataConfig}
+    kw = {}
+    for k, v in d.items():
+        if k in kinds:
+            sub = {kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()}
+            kw[k] = kinds[k](**sub)
+        else:
+            kw[k] = v
+    return TrainConfig(**kw)

@@ -1,0 +1,120 @@
+"""Inference-time self-reflective refinement (RECIPE.md section 7) and ``alphagrpo refine``.
+
+Generate; verify; while some question fails (a score <= 0.5) or the reward is under a threshold, show the model
+its current best image with the reflection instruction, let it write a diagnosis + edit instruction (think text),
+draw a refined image, and keep whichever image scores best. Stops after ``rounds`` rounds or when every sample is
+satisfied. Accuracy is reported per round (after round r, on the best image so far).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from alphagrpo.models.policy import CFGConfig, GenRequest
+from alphagrpo.train.evaluate import generate
+from alphagrpo.train.trainer import reflection_instruction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineResult:
+    images: np.ndarray                    # best image per prompt, uint8 [n, H, W, 3]
+    rewards: torch.Tensor                 # best reward per prompt [n]
+    rounds_used: list                     # refinement rounds each prompt went through
+    history: list = field(default_factory=list)   # per round: {"round", "reward", "accuracy"?, "refined"}
+    trace: list = field(default_factory=list)     # per prompt: [(think text, image, reward, scores), ...]
+
+
+def _needs_refinement(res, i: int, threshold: Optional[float]) -> bool:
+    scores = res.semantic[i] + res.quality[i]
+    if any(s <= 0.5 for s in scores):
+        return True
+    return threshold is not None and float(res.rewards[i]) < threshold
+
+
+def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshold: Optional[float] = None,
+           num_steps: int = 40, shift: float = 3.0, cfg: Optional[CFGConfig] = None, seed: int = 0,
+           batch: int = 64, max_think_tokens: int = 48, judge=None) -> RefineResult:
+    """Refine up to ``rounds`` times; ``judge(image, record) -> bool`` adds per-round accuracy when given."""
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+    cfg = cfg or CFGConfig()
+    g = torch.Generator().manual_seed(seed)
+    n = len(records)
+    kw = dict(num_steps=num_steps, shift=shift, cfg=cfg, generator=g, batch=batch, max_think_tokens=max_think_tokens)
+    images, texts = generate(policy, [GenRequest(r["prompt"]) for r in records], **kw)
+    res = reward(list(images), list(records))
+    best_img, best_r = images.copy(), res.rewards.clone()
+    trace = [[(texts[i], images[i], float(res.rewards[i]), res.semantic[i] + res.quality[i])] for i in range(n)]
+    pending = [i for i in range(n) if _needs_refinement(res, i, threshold)]
+    used = [0] * n
+    hist = [_round_stats(0, best_img, best_r, records, judge, len(pending))]
+    for rnd in range(1, rounds + 1):
+        if not pending:
+            break
+        reqs = [GenRequest(records[i]["prompt"], image=best_img[i],
+                           instruction=reflection_instruction(records[i]["prompt"])) for i in pending]
+        imgs, th = generate(policy, reqs, **kw)
+        sub = [records[i] for i in pending]
+        r2 = reward(list(imgs), sub)
+        still = []
+        for j, i in enumerate(pending):
+            used[i] = rnd
+            trace[i].append((th[j], imgs[j], float(r2.rewards[j]), r2.semantic[j] + r2.quality[j]))
+            if float(r2.rewards[j]) > float(best_r[i]):
+                best_r[i], best_img[i] = r2.rewards[j], imgs[j]
+            if _needs_refinement(r2, j, threshold):
+                still.append(i)
+        hist.append(_round_stats(rnd, best_img, best_r, records, judge, len(pending)))
+        pending = still
+    return RefineResult(images=best_img, rewards=best_r, rounds_used=used, history=hist, trace=trace)
+
+
+def _round_stats(rnd, images, rewards, records, judge, refined):
+    out = {"round": rnd, "reward": float(rewards.mean()) if len(rewards) else 0.0, "refined": refined}
+    if judge is not None:
+        out["accuracy"] = float(np.mean([judge(im, r) for im, r in zip(images, records)]))
+    return out
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", default=None, help="TinyUMM checkpoint (default: the shipped one)")
+    p.add_argument("--recipe", default="tiny_shapes")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=None, help="also refine while reward is below this")
+    p.add_argument("--n", type=int, default=128, help="held-out prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/refine")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args) -> int:
+    from alphagrpo.rewards import DVReward
+    from alphagrpo.train.common import load_policy, print_table, setup_logging
+    from alphagrpo.train.config import apply_overrides, get_recipe
+    from alphagrpo.train.world import load_world
+    setup_logging()
+    cfg = apply_overrides(get_recipe(args.recipe), args.set)
+    cfg.data.test_size = max(cfg.data.test_size, args.n)
+    world = load_world(cfg.data)
+    policy = load_policy(args.checkpoint or cfg.init)
+    reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
+    recs = world.test[: args.n]
+    res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
+                 num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=args.seed,
+                 batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "refine.json").write_text(json.dumps({"history": res.history, "n": len(recs)}, indent=1))
+    print_table("inference-time refinement (accuracy on the best image so far)",
+                [(h["round"], h["refined"], f"{h.get('accuracy', float('nan')):.3f}", f"{h['reward']:.3f}")
+                 for h in res.history], ("round", "refined", "accuracy", "reward"))
+    print(json.dumps({"rounds": res.history}))
+    return 0
