@@ -51,5 +51,6 @@ def micro_policy(seed: int = 0, image_size: int = 16):
     import torch
 
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
+    from alphagrpo.train.trainer import reflection_words
     torch.manual_seed(seed)
-    return TinyUMMPolicy.create(WORDS, dim=32, n_layers=1, n_heads=2, image_size=image_size, max_positions=64)
+    return TinyUMMPolicy.create(WORDS + reflection_words(), dim=32, n_layers=1, n_heads=2, image_size=image_size, max_positions=160)

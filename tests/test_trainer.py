@@ -21,13 +21,14 @@ def small_cfg(tmp_path, steps=6, **over):
 
 def test_reward_improves_on_a_fixed_training_set(tmp_path):
     torch.set_num_threads(1)
-    cfg = small_cfg(tmp_path, steps=12)
-    hist, _ = train(cfg, brightness_world(), tmp_path / "run", policy=micro_policy(0))
+    cfg = small_cfg(tmp_path, steps=16, **{"optim.lr": "3e-2"})
+    hist, _ = train(cfg, brightness_world(), tmp_path / "run", policy=micro_policy(1))
     r = [h["reward_mean"] for h in hist]
     assert not any(h["skipped"] for h in hist[:3])
-    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.05, f"reward did not rise: {r}"
+    # fixed seed, deterministic on CPU; measured +0.25 (seeds 0-2 of this toy: +0.13 to +0.31)
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.1, f"reward did not rise: {r}"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and "time_reward_wait" in json.loads(lines[0])
+    assert len(lines) == 16 and "time_reward_wait" in json.loads(lines[0])
 
 
 def test_resume_is_exact_bit_for_bit(tmp_path):

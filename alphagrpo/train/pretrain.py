@@ -47,9 +47,9 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
              lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=()):
     """Train a fresh TinyUMM; save it to ``out``. Returns ``(policy, report dict)``."""
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
-    from alphagrpo.train.trainer import REFLECTION
+    from alphagrpo.train.trainer import reflection_words
     torch.manual_seed(seed)  # parameter initialisation only; data and noise use explicit generators below
-    words = list(world.words) + [w for w in REFLECTION.replace("{prompt}", "").split() if w] + list(extra_words)
+    words = list(world.words) + reflection_words() + list(extra_words)
     policy = TinyUMMPolicy.create(sorted(set(words)), **MODEL_SIZES[size])
     model = policy.model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))

@@ -38,6 +38,11 @@ def reflection_instruction(prompt: str) -> str:
     return REFLECTION.format(prompt=prompt)
 
 
+def reflection_words() -> list:
+    """The words of the reflection instruction (besides the prompt's), for word-level vocabularies."""
+    return sorted(set(REFLECTION.replace("{prompt}", "").split()))
+
+
 def dist_info():
     """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -234,4 +239,5 @@ class GRPOTrainer:
         metrics.update({"skipped": int(skipped), "time_rollout": t1 - t0, "time_reward_wait": t2 - t1,
                         "time_train": t3 - t2, "samples_per_s": rewards.numel() / max(t3 - t0, 1e-9)})
         self.last_rollout = (chunks, results, recs)
+        self.last_rewards = {"raw": raw, "rectified": rewards, "init": init, "advantages": adv.detach().cpu()}
         return metrics

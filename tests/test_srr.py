@@ -1,0 +1,141 @@
+"""Self-reflective refinement inside the trainer (RECIPE.md section 7) and the inference-time refinement loop."""
+import numpy as np
+import pytest
+import torch
+
+from alphagrpo.rewards import DVReward
+from alphagrpo.testing import BrightnessVerifier, brightness_world, micro_policy
+from alphagrpo.train.config import apply_overrides, get_recipe
+from alphagrpo.train.refine import refine
+from alphagrpo.train.trainer import GRPOTrainer
+
+
+def srr_cfg(**over):
+    sets = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=4", "cfg.text_scale=1.0",
+            "cfg.image_scale=1.0", "srr.initial_samples=3", "srr.num_steps=6", "srr.window=2",
+            "srr.window_starts=0,1,2,3,4", "sampler.num_steps=4", "sampler.window=2", "sampler.window_starts=0",
+            "optim.lr=1e-2"] + [f"{k}={v}" for k, v in over.items()]
+    return apply_overrides(get_recipe("tiny_shapes_srr"), sets)
+
+
+def make_trainer(cfg, verifier=None, seed=0):
+    torch.manual_seed(seed)
+    world = brightness_world()
+    reward = DVReward(verifier or world.verifier)
+    return GRPOTrainer(micro_policy(seed), reward, cfg, generator=torch.Generator().manual_seed(seed)), world
+
+
+def test_fpr_in_the_trainer_never_rewards_a_non_improving_refinement():
+    for seed in range(3):
+        tr, world = make_trainer(srr_cfg(), seed=seed)
+        m = tr.step(world.train[:2])
+        lr = tr.last_rewards
+        assert m["srr"] == 1
+        non_improving = lr["raw"] <= lr["init"]
+        assert torch.equal(lr["rectified"][non_improving], lr["init"][non_improving])
+        assert bool((lr["advantages"][non_improving] <= 1e-6).all())
+        tr.close()
+
+
+def test_fpr_off_keeps_raw_rewards():
+    tr, world = make_trainer(srr_cfg(**{"reward.fpr": "false"}))
+    tr.step(world.train[:2])
+    assert torch.equal(tr.last_rewards["rectified"], tr.last_rewards["raw"])
+    tr.close()
+
+
+class WorseAfterStage1(BrightnessVerifier):
+    """Scores 0.9 while the trainer picks initial images, 0.1 afterwards: no refinement can improve."""
+
+    def __init__(self, n_stage1):
+        self.calls, self.n_stage1 = 0, n_stage1
+
+    def score(self, images, qls):
+        self.calls += len(images)
+        v = 0.9 if self.calls <= self.n_stage1 else 0.1
+        return [[v] * len(q) for q in qls]
+
+
+def test_srr_step_is_skipped_when_no_refinement_improved():
+    cfg = srr_cfg()
+    tr, world = make_trainer(cfg, verifier=WorseAfterStage1(n_stage1=2 * cfg.srr.initial_samples))
+    before = {k: v.clone() for k, v in tr.policy.model.state_dict().items()}
+    m = tr.step(world.train[:2])
+    assert m["skipped"] == 1 and m["improved_frac"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in tr.policy.model.state_dict().items())
+    tr.close()
+
+
+def test_srr_gradient_reaches_only_think_text_and_window_steps():
+    cfg = srr_cfg()
+    tr, world = make_trainer(cfg)
+    pol = tr.policy
+    calls = []
+    orig_velocity, orig_cond = pol.velocity, pol.image_condition
+
+    def velocity(x, sigma, cond):
+        calls.append((float(sigma), torch.is_grad_enabled()))
+        return orig_velocity(x, sigma, cond)
+
+    conds = []
+
+    def image_condition(*a, **k):
+        c = orig_cond(*a, **k)
+        conds.append(c)
+        return c
+
+    pol.velocity, pol.image_condition = velocity, image_condition
+    m = tr.step(world.train[:2])
+    assert m["skipped"] == 0
+    window_sigmas = {st.sigma for ro in tr.last_rollout[0] for st in ro.steps}
+    grad_sigmas = [s for s, g in calls if g]
+    assert len(window_sigmas) == cfg.srr.window
+    assert set(grad_sigmas) == window_sigmas, "grad-enabled velocity calls must be exactly the window steps"
+    assert all(not t.requires_grad for c in conds for kv in c.kv for t in kv), "context must be detached"
+    # the text path got gradient from the think replay: LM head and understanding weights changed
+    tr.close()
+
+
+def test_srr_updates_text_weights_through_the_think_loss():
+    cfg = srr_cfg(**{"loss.text_weight": "1.0"})
+    tr, world = make_trainer(cfg, seed=1)
+    head = tr.policy.model.lm_head.weight.clone()
+    tr.step(world.train[:2])
+    assert not torch.equal(head, tr.policy.model.lm_head.weight)
+    tr.close()
+
+
+class Scripted:
+    """Reward per call from a script, to drive the refinement loop deterministically."""
+
+    def __init__(self, values):
+        self.values, self.i = list(values), 0
+
+    def __call__(self, images, records):
+        from alphagrpo.rewards import RewardResult
+        v = self.values[min(self.i, len(self.values) - 1)]
+        self.i += 1
+        n = len(images)
+        return RewardResult(rewards=torch.full((n,), v), semantic=[[v]] * n, quality=[[v]] * n)
+
+
+def test_refinement_stops_at_the_round_limit_and_keeps_the_best_image():
+    world = brightness_world(n_test=3)
+    pol = micro_policy(0)
+    # initial 0.2, round 1 better (0.4), round 2 worse (0.3), round 3 would be 0.45 but the limit is 2
+    res = refine(pol, Scripted([0.2, 0.4, 0.3, 0.45]), world.test, rounds=2, num_steps=3, batch=8,
+                 max_think_tokens=3, judge=world.judge)
+    assert [h["round"] for h in res.history] == [0, 1, 2]
+    assert res.rounds_used == [2, 2, 2]
+    assert torch.allclose(res.rewards, torch.full((3,), 0.4))
+    for i in range(3):
+        assert len(res.trace[i]) == 3
+        assert np.array_equal(res.images[i], res.trace[i][1][1]), "best image must be round 1's"
+
+
+def test_refinement_stops_early_when_every_question_passes():
+    world = brightness_world(n_test=2)
+    res = refine(micro_policy(0), Scripted([0.9]), world.test, rounds=5, num_steps=3, batch=8, max_think_tokens=3)
+    assert res.rounds_used == [0, 0] and len(res.history) == 1
+    with pytest.raises(ValueError, match="rounds"):
+        refine(micro_policy(0), Scripted([0.9]), world.test, rounds=-1)
