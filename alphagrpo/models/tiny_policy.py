@@ -298,9 +298,6 @@ class TinyUMMPolicy:
         ``(lm_loss, flow_loss)``; both backpropagate into the whole model."""
         tok = self.tok
         think = [torch.tensor(tok.encode(t) + [tok.eot_id]) for t in think_texts]
-        rep = self.think_replay(requests, think)
-        logits = self.model.lm_head(rep.hidden).float()
-        lm = F.cross_entropy(logits, rep.targets)
         B = len(requests)
         drop = torch.rand(B, generator=generator) < p_drop
         forms = []
@@ -311,14 +308,29 @@ class TinyUMMPolicy:
                 forms.append("null")
             else:
                 forms.append(FORMS[1 + int(torch.randint(3, (1,), generator=generator))])
-        b = self._batch(requests, think, forms)
-        _, kvs = self._run_context(b)
+        # one context forward: the full contexts serve the LM loss and the undropped flow samples; the dropped
+        # samples' other forms ride along as extra rows of the same batch
+        dropped = [i for i in range(B) if forms[i] != "full"]
+        b = self._batch(list(requests) + [requests[i] for i in dropped], list(think) + [think[i] for i in dropped],
+                        ["full"] * B + [forms[i] for i in dropped])
+        hid, kvs = self._run_context(b)
+        L = b.tokens.shape[1]
+        rows = torch.cat([torch.full((len(t),), i) for i, t in enumerate(think)])
+        cols = torch.cat([torch.arange(L - len(t) - 1, L - 1) for t in think])
+        targets = torch.cat(think).long().to(self.device)
+        lm = F.cross_entropy(self.model.lm_head(hid[rows, cols]).float(), targets)
+        sel = torch.arange(B)
+        for j, i in enumerate(dropped):
+            sel[i] = B + j
+        sel = sel.to(self.device)
+        kvs = [(k[sel], v[sel]) for k, v in kvs]
+        valid = b.valid[sel]
         x0 = self.encode(images)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         t = torch.rand(B, generator=generator).to(x0.device)
         sigma = shift * t / (1 + (shift - 1) * t)
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
-        v = self.model.velocity(xt, sigma, kvs, b.valid)
+        v = self.model.velocity(xt, sigma, kvs, valid)
         flow = F.mse_loss(v.float(), noise - x0)
         return lm, flow

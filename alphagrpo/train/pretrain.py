@@ -23,7 +23,8 @@ from alphagrpo.train.trainer import reflection_instruction
 
 log = logging.getLogger(__name__)
 
-MODEL_SIZES = {"tiny": dict(dim=128, n_layers=4, n_heads=4), "micro": dict(dim=64, n_layers=2, n_heads=2)}
+MODEL_SIZES = {"tiny": dict(dim=128, n_layers=4, n_heads=4, max_positions=320),
+               "micro": dict(dim=64, n_layers=2, n_heads=2, max_positions=320)}
 
 
 def make_batch(world, records, rng: np.random.Generator, edit_frac: float):

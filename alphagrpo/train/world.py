@@ -3,13 +3,22 @@
 The trainer sees only records (dicts in the authors' schema) and a ``Verifier``; evaluation also needs a strict
 ground-truth judge (GenEval-style). ``load_world`` builds them from ``DataConfig``; the shapes world is the
 embedded default. A JSONL ``train_file`` replaces the synthesized training prompts.
+
+Refinement pretraining examples (``sample_edit``): a satisfying scene is sampled, one edit (recolor, reshape,
+resize, move, remove, add) makes it violate at least one semantic question, the wrong render is blurred/noised a
+little (a generated image is never clean), and the think text is ``wrong : <a failed question> ; plan : <plan>``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from alphagrpo.train.config import DataConfig
+
+EDIT_WORDS = ("wrong", ":", "plan")
 
 
 @dataclass
@@ -17,32 +26,91 @@ class World:
     train: list
     test: list
     verifier: Any                                   # implements verifier_engine.Verifier
-    judge: Callable[[Any, dict], bool]              # (image, record) -> all questions satisfied
+    judge: Callable[[Any, dict], bool]              # (image, record) -> all semantic questions satisfied
     words: list                                     # vocabulary for word-level tokenizers
     sample_target: Optional[Callable] = None        # (record, rng) -> (plan text, uint8 image), for pretraining
     failed: Optional[Callable] = None               # (image, record) -> failed question dicts
     sample_edit: Optional[Callable] = None          # (record, rng) -> (wrong image, think text, right image)
 
 
+def _perturb(S, scene, rng: np.random.Generator):
+    """One random edit of a shapes scene, or None if that edit does not apply."""
+    objs = list(scene.objects)
+    free = [(x, y) for x in range(S.GRID) for y in range(S.GRID) if all((o.x, o.y) != (x, y) for o in objs)]
+    kind = rng.choice(["color", "shape", "size", "move", "remove", "add"])
+    if kind in ("color", "shape", "size", "move", "remove") and not objs:
+        return None
+    i = int(rng.integers(len(objs))) if objs else 0
+    if kind == "color":
+        objs[i] = dataclasses.replace(objs[i], color=str(rng.choice([c for c in S.COLORS if c != objs[i].color])))
+    elif kind == "shape":
+        objs[i] = dataclasses.replace(objs[i], shape=str(rng.choice([s for s in S.SHAPES if s != objs[i].shape])))
+    elif kind == "size":
+        objs[i] = dataclasses.replace(objs[i], size=[s for s in S.SIZES if s != objs[i].size][0])
+    elif kind == "move":
+        if not free:
+            return None
+        x, y = free[int(rng.integers(len(free)))]
+        objs[i] = dataclasses.replace(objs[i], x=x, y=y)
+    elif kind == "remove":
+        objs.pop(i)
+    else:
+        if not free:
+            return None
+        x, y = free[int(rng.integers(len(free)))]
+        objs.append(S.ShapeObject(str(rng.choice(S.SHAPES)), str(rng.choice(list(S.COLORS))),
+                                  str(rng.choice(S.SIZES)), x, y))
+    return S.Scene(tuple(objs))
+
+
 def load_world(cfg: DataConfig) -> World:
+    """The shapes world: the full synthesized split (500 prompts per task, 1,024 test) so that the test prompts
+    are always the same and disjoint from everything pretraining saw; training uses the first
+    ``train_per_task`` prompts of each task, evaluation the first ``test_size`` test prompts."""
     if cfg.world != "shapes":
         raise ValueError(f"unknown world {cfg.world!r}; the built-in world is 'shapes'")
     from alphagrpo.worlds import shapes as S
-    train, test = S.synthesize(n_per_task=cfg.train_per_task, n_test=cfg.test_size, seed=cfg.seed)
+    full_train, full_test = S.synthesize(n_per_task=500, n_test=max(1024, cfg.test_size), seed=cfg.seed)
+    per_task: dict = {}
+    train = []
+    for r in full_train:
+        k = per_task.get(r["task"], 0)
+        if k < cfg.train_per_task:
+            train.append(r)
+            per_task[r["task"]] = k + 1
     if cfg.train_file:
         train = S.read_jsonl(cfg.train_file)
     verifier = S.ShapesVerifier()
 
     def judge(image, record) -> bool:
-        qs = [q["question"] for q in record["semantic_questions"]]
-        return bool(verifier.judge(image, qs))
+        return bool(verifier.judge(image, [q["question"] for q in record["semantic_questions"]]))
 
     def sample_target(record, rng):
         scene = S.sample_scene(record, rng)
         return S.plan_text(scene), S.render(scene)
 
-    def failed(image, record):
-        return S.failed_questions(image, record)
+    def sample_edit(record, rng):
+        right = S.sample_scene(record, rng)
+        checks = S.semantic_checks(record)
+        wrong, failed = None, []
+        for _ in range(12):
+            cand = _perturb(S, right, rng)
+            if cand is None:
+                continue
+            failed = [q for q, c in zip(record["semantic_questions"], checks) if not S.evaluate(cand.objects, c)]
+            wrong = cand
+            if failed:
+                break
+        if wrong is None:
+            wrong = right
+        think = (f"wrong : {failed[0]['question']} ; " if failed else "") + f"plan : {S.plan_text(right)}"
+        img = S.degrade(S.render(wrong), rng, noise_std=float(rng.uniform(0, 12)),
+                        blur_sigma=float(rng.uniform(0, 0.9)))
+        return img, think, S.render(right)
 
-    return World(train=train, test=test, verifier=verifier, judge=judge, words=list(S.vocabulary()),
-                 sample_target=sample_target, failed=failed)
+    def failed(image, record):
+        return S.failed_questions(image, record, verifier)
+
+    return World(train=train, test=full_test[: cfg.test_size], verifier=verifier, judge=judge,
+                 words=sorted(set(S.vocabulary()) | set(EDIT_WORDS)), sample_target=sample_target,
+                 failed=failed, sample_edit=sample_edit)
