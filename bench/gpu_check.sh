@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One prepared GPU check for an NVIDIA H100/H200 without internet, within 8 minutes:
+#   1. the CUDA tests (pytest -m cuda over tests/),
+#   2. the verifier benchmark (python -m bench.verifier, when bench/verifier.py exists),
+#   3. the kernel benchmarks (python -m bench.kernels, full shapes).
+# Everything goes to $OUT when set (else bench/results/gpu_check/); bench.kernels also writes
+# bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 s) keep the whole run under 8 minutes.
+# The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
+# Usage: bash bench/gpu_check.sh        (PY=/path/to/python to pick the interpreter)
+#        SWEEP=1 SKIP_VERIFIER=1 bash bench/gpu_check.sh   (also time the AR kernel's tile candidates)
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_DIR="${OUT:-$ROOT/bench/results/gpu_check}"
+mkdir -p "$OUT_DIR" "$ROOT/bench/results"
+T0=$(date +%s)
+log() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
+
+if [ -z "${PY:-}" ]; then   # the first interpreter with a CUDA torch, else the first with any torch
+  CANDIDATES=("$ROOT/.venv/bin/python" "$(command -v python3)" "$(command -v python)")
+  for c in "${CANDIDATES[@]}"; do
+    [ -x "$c" ] && "$c" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null && { PY="$c"; break; }
+  done
+  if [ -z "${PY:-}" ]; then
+    for c in "${CANDIDATES[@]}"; do [ -x "$c" ] && "$c" -c "import torch" 2>/dev/null && { PY="$c"; break; }; done
+  fi
+  PY="${PY:-python3}"
+fi
+
+# The project must import as alphagrpo.kernels (setup.py maps kernels/ there). Without an install, build an overlay
+# package in a temp dir: links to every entry of alphagrpo/ plus kernels -> kernels/ (the checkout is not touched).
+if ! "$PY" -c "import alphagrpo.kernels" 2>/dev/null; then
+  OVERLAY="$(mktemp -d)"
+  mkdir -p "$OVERLAY/alphagrpo"
+  for f in "$ROOT"/alphagrpo/*; do ln -s "$f" "$OVERLAY/alphagrpo/$(basename "$f")"; done
+  ln -s "$ROOT/kernels" "$OVERLAY/alphagrpo/kernels"
+  export PYTHONPATH="$OVERLAY:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  log "alphagrpo not installed: using an import overlay at $OVERLAY"
+fi
+export PYTHONPATH="${PYTHONPATH:-$ROOT}"
+case ":$PYTHONPATH:" in *":$ROOT:"*) ;; *) export PYTHONPATH="$PYTHONPATH:$ROOT" ;; esac
+
+{
+  echo "date: $(date -Is)"; echo "host: $(hostname)"; echo "python: $PY"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -5
+  "$PY" - <<'EOF' 2>&1
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0))
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton missing:", e)
+import alphagrpo.kernels as k; print("alphagrpo.kernels from", k.__file__)
+EOF
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+log "1/3 CUDA tests (timeout 130 s)"
+timeout 130 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -o addopts="" -rs > "$OUT_DIR/pytest_cuda.txt" 2>&1
+RC_TESTS=$?
+tail -n 15 "$OUT_DIR/pytest_cuda.txt"
+
+RC_VERIFIER="not run (bench/verifier.py absent)"
+if [ -f "$ROOT/bench/verifier.py" ] && [ "${SKIP_VERIFIER:-0}" != 1 ]; then
+  log "2/3 verifier benchmark (timeout 100 s)"
+  EXTRA=()
+  if "$PY" -m bench.verifier --help 2>/dev/null | grep -q -- "--time-budget"; then EXTRA=(--time-budget 75); fi
+  timeout 100 "$PY" -m bench.verifier --out "$OUT_DIR/verifier.json" "${EXTRA[@]}" > "$OUT_DIR/verifier.txt" 2>&1
+  RC_VERIFIER=$?
+  tail -n 5 "$OUT_DIR/verifier.txt"
+fi
+
+log "3/3 kernel benchmarks (timeout 220 s)"
+SWEEP_ARGS=()
+if [ "${SWEEP:-0}" = 1 ]; then SWEEP_ARGS=(--sweep-ar-tiles); fi   # tuning aid; set SKIP_VERIFIER=1 to make room
+timeout 220 "$PY" -m bench.kernels --time-budget 170 --out "$OUT_DIR/kernels.json" "${SWEEP_ARGS[@]}" \
+  > "$OUT_DIR/kernels.txt" 2> "$OUT_DIR/kernels.stderr.txt"
+RC_KERNELS=$?
+
+log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, kernels rc=$RC_KERNELS (outputs in $OUT_DIR)"
+tail -n 3 "$OUT_DIR/kernels.stderr.txt" 2>/dev/null
+if [ -s "$OUT_DIR/kernels.txt" ]; then
+  tail -n 1 "$OUT_DIR/kernels.txt"                                 # the JSON line
+  echo
+  sed '$d' "$OUT_DIR/kernels.txt"                                  # the table, last
+else
+  echo "no kernel table: see $OUT_DIR/kernels.stderr.txt"
+fi
+[ "$RC_TESTS" = 0 ] && [ "$RC_KERNELS" = 0 ]

@@ -1,0 +1,33 @@
+"""Shared pytest set-up, kept minimal.
+
+- Tests marked ``cuda`` are skipped on machines without an NVIDIA GPU.
+- Triton's CPU interpreter works only if ``triton.language`` is first imported with ``TRITON_INTERPRET=1``. Without a
+  GPU, import it that way here, then restore the variable: only tests that set it (the kernel tests, through
+  ``monkeypatch``) run kernels in the interpreter; every other test keeps the plain-PyTorch references.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked 'cuda'); run on a GPU machine: pytest -m cuda")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
