@@ -42,3 +42,17 @@ def check_batch(images: Sequence[object], question_lists: Sequence[Sequence[str]
         for j, q in enumerate(qs):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question_lists[{i}][{j}] must be a non-empty string, got {q!r}")
+
+
+class VerifierError(RuntimeError):
+    """A verifier could not score: a remote call failed after its retries, or a server refused the request."""
+
+
+FAILURE_POLICIES = ("zero", "raise")
+
+
+def check_failure_policy(policy: str) -> str:
+    """``"zero"``: a query that fails after retries scores 0 (the authors' choice); ``"raise"``: raise."""
+    if policy not in FAILURE_POLICIES:
+        raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {policy!r}")
+    return policy
