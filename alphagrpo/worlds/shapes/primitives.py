@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Union
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles",
@@ -119,7 +119,8 @@ _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 def words(text: str) -> list[str]:
     """The canonical word splitter: lowercase, runs of letters/digits are words, every other non-space character
-    (``;``, ``,``, ``?``, ``.``) is a token of its own. ``"Is there a red circle?" -> [is, there, a, red, circle, ?]``."""
+    (``;``, ``,``, ``?``, ``.``) is a token of its own.
+    ``"Is there a red circle?" -> ["is", "there", "a", "red", "circle", "?"]``."""
     if not isinstance(text, str):
         raise TypeError(f"words() needs a string, got {type(text).__name__}")
     return _TOKEN.findall(text.lower())
