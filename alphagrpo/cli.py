@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("alphagrpo.train.run", "GRPO training (RT2I or SRR) from a named recipe"),
     "eval": ("alphagrpo.train.evaluate", "held-out accuracy and mean DVReward of a checkpoint"),
     "refine": ("alphagrpo.train.refine", "inference-time self-reflective refinement on held-out prompts"),
+    "ablate": ("alphagrpo.train.ablate", "the paper's ablations (FPR, scoring, reward) in the shapes world"),
     "data": ("alphagrpo.worlds.cli", "synthesize prompt data and check the programmatic verifier"),
 }
 

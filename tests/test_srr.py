@@ -139,3 +139,19 @@ def test_refinement_stops_early_when_every_question_passes():
     assert res.rounds_used == [0, 0] and len(res.history) == 1
     with pytest.raises(ValueError, match="rounds"):
         refine(micro_policy(0), Scripted([0.9]), world.test, rounds=-1)
+
+
+def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_path):
+    import json
+
+    from alphagrpo.train.ablate import run_study
+    ck = tmp_path / "ck"
+    micro_policy(0).save_pretrained(ck)
+    extra = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=3", "cfg.text_scale=1.0",
+             "sampler.num_steps=3", "sampler.window=1", "sampler.window_starts=0", "sampler.eval_steps=3",
+             "image_every=0", "eval_batch=8"]
+    t = run_study("scoring", seeds=[0, 1], steps=1, eval_n=4, out=tmp_path / "ab", extra=extra, checkpoint=str(ck),
+                  world=brightness_world(n_test=4))
+    assert set(t["variants"]) == {"confidence", "binary"}
+    assert all(len(v["runs"]) == 2 and 0.0 <= v["accuracy_mean"] <= 1.0 for v in t["variants"].values())
+    assert json.loads((tmp_path / "ab" / "ablation_scoring.json").read_text())["steps"] == 1

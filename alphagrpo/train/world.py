@@ -63,6 +63,57 @@ def _perturb(S, scene, rng: np.random.Generator):
     return S.Scene(tuple(objs))
 
 
+def shapes_edit_example(record, rng: np.random.Generator):
+    """A refinement pretraining example for a shapes record: ``(wrong image, think text, right image)``. The wrong
+    scene is one edit away from a satisfying scene and violates at least one semantic question when an edit can;
+    its render is blurred and noised a little; the think text is ``wrong : <failed question> ; plan : <plan>``."""
+    from alphagrpo.worlds import shapes as S
+    right = S.sample_scene(record, rng)
+    checks = S.semantic_checks(record)
+    wrong, failed = None, []
+    for _ in range(12):
+        cand = _perturb(S, right, rng)
+        if cand is None:
+            continue
+        failed = [q for q, c in zip(record["semantic_questions"], checks) if not S.evaluate(cand.objects, c)]
+        wrong = cand
+        if failed:
+            break
+    if wrong is None:
+        wrong = right
+    think = (f"wrong : {failed[0]['question']} ; " if failed else "") + f"plan : {S.plan_text(right)}"
+    img = S.degrade(S.render(wrong), rng, noise_std=float(rng.uniform(0, 12)), blur_sigma=float(rng.uniform(0, 0.9)))
+    return img, think, S.render(right)
+
+
+class HolisticShapesVerifier:
+    """Answers the holistic question ``"Does this image match: {prompt}?"`` (the paper's single-score ablation) the
+    way a coarse overall judge would: the fraction of the prompt's semantic questions the image satisfies, rounded
+    to a 0-10 scale (as VIEScore's), divided by 10. Any other question goes to the wrapped verifier."""
+
+    PREFIX = "Does this image match: "
+
+    def __init__(self, inner, records):
+        self.inner = inner
+        self.by_prompt = {r["prompt"]: r for r in records}
+
+    def score(self, images, question_lists):
+        out = []
+        for img, qs in zip(images, question_lists):
+            row = []
+            for q in qs:
+                if q.startswith(self.PREFIX) and q.endswith("?"):
+                    rec = self.by_prompt.get(q[len(self.PREFIX):-1])
+                    if rec is None:
+                        raise ValueError(f"holistic question about an unknown prompt: {q!r}")
+                    ans = self.inner.answers(img, [x["question"] for x in rec["semantic_questions"]])
+                    row.append(round(10 * sum(bool(y) for _, y in ans) / max(1, len(ans))) / 10)
+                else:
+                    row.extend(self.inner.score([img], [[q]])[0])
+            out.append(row)
+        return out
+
+
 def load_world(cfg: DataConfig) -> World:
     """The shapes world: the full synthesized split (500 prompts per task, 1,024 test) so that the test prompts
     are always the same and disjoint from everything pretraining saw; training uses the first
@@ -81,6 +132,7 @@ def load_world(cfg: DataConfig) -> World:
     if cfg.train_file:
         train = S.read_jsonl(cfg.train_file)
     verifier = S.ShapesVerifier()
+    reward_verifier = HolisticShapesVerifier(verifier, full_train + full_test)
 
     def judge(image, record) -> bool:
         return bool(verifier.judge(image, [q["question"] for q in record["semantic_questions"]]))
@@ -89,28 +141,9 @@ def load_world(cfg: DataConfig) -> World:
         scene = S.sample_scene(record, rng)
         return S.plan_text(scene), S.render(scene)
 
-    def sample_edit(record, rng):
-        right = S.sample_scene(record, rng)
-        checks = S.semantic_checks(record)
-        wrong, failed = None, []
-        for _ in range(12):
-            cand = _perturb(S, right, rng)
-            if cand is None:
-                continue
-            failed = [q for q, c in zip(record["semantic_questions"], checks) if not S.evaluate(cand.objects, c)]
-            wrong = cand
-            if failed:
-                break
-        if wrong is None:
-            wrong = right
-        think = (f"wrong : {failed[0]['question']} ; " if failed else "") + f"plan : {S.plan_text(right)}"
-        img = S.degrade(S.render(wrong), rng, noise_std=float(rng.uniform(0, 12)),
-                        blur_sigma=float(rng.uniform(0, 0.9)))
-        return img, think, S.render(right)
-
     def failed(image, record):
         return S.failed_questions(image, record, verifier)
 
-    return World(train=train, test=full_test[: cfg.test_size], verifier=verifier, judge=judge,
+    return World(train=train, test=full_test[: cfg.test_size], verifier=reward_verifier, judge=judge,
                  words=sorted(set(S.vocabulary()) | set(EDIT_WORDS)), sample_target=sample_target,
-                 failed=failed, sample_edit=sample_edit)
+                 failed=failed, sample_edit=shapes_edit_example)

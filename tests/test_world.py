@@ -1,0 +1,37 @@
+"""The training-side view of the shapes world: refinement examples and the holistic-judge emulation."""
+import numpy as np
+
+from alphagrpo.train.world import HolisticShapesVerifier, shapes_edit_example
+from alphagrpo.worlds import shapes as S
+
+
+def test_edit_examples_show_a_wrong_image_name_a_failed_question_and_target_the_right_scene():
+    rng = np.random.default_rng(0)
+    v = S.ShapesVerifier()
+    named = 0
+    for task in S.TASKS[:8]:
+        rec = S.make_prompt(task, "medium", rng)
+        wrong, think, right = shapes_edit_example(rec, rng)
+        qs = [q["question"] for q in rec["semantic_questions"]]
+        assert v.judge(right, qs), "the target must satisfy the prompt"
+        plan = think.split("plan :", 1)[1].strip()
+        assert S.satisfies(S.parse_plan(plan), rec), "the think text's plan must satisfy the prompt"
+        if think.startswith("wrong :"):
+            named += 1
+            q = think[len("wrong :"):].split(" ; plan :")[0].strip()
+            assert q in qs and not v.answer(wrong, q)[1], "the named question must fail on the wrong image"
+        assert wrong.dtype == np.uint8 and wrong.shape == right.shape
+    assert named >= 6
+
+
+def test_holistic_verifier_gives_a_coarse_overall_score_and_passes_other_questions_through():
+    rng = np.random.default_rng(1)
+    rec = S.make_prompt("color", "hard", rng)
+    hv = HolisticShapesVerifier(S.ShapesVerifier(), [rec])
+    good = S.render(S.Scene.from_json(rec["scene"]))
+    empty = S.render(S.Scene(()))
+    q = f"Does this image match: {rec['prompt']}?"
+    (g,), (e,) = hv.score([good], [[q]])[0], hv.score([empty], [[q]])[0]
+    assert g == 1.0 and e < 0.5 and round(e * 10) == e * 10
+    direct = rec["semantic_questions"][0]["question"]
+    assert hv.score([good], [[direct]]) == S.ShapesVerifier().score([good], [[direct]])
