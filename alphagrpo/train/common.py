@@ -47,6 +47,20 @@ def load_policy(path: Optional[str] = None, device: str = "cpu"):
     return pol
 
 
+def eval_context(recipe: str, overrides, n: int, checkpoint: Optional[str] = None):
+    """What the evaluating commands share: ``(cfg, world, policy, reward, held-out records[:n])``."""
+    from alphagrpo.rewards import DVReward
+    from alphagrpo.train.config import apply_overrides, get_recipe
+    from alphagrpo.train.world import load_world
+    setup_logging()
+    cfg = apply_overrides(get_recipe(recipe), list(overrides))
+    cfg.data.test_size = max(cfg.data.test_size, n)
+    world = load_world(cfg.data)
+    policy = load_policy(checkpoint or cfg.init, cfg.device)
+    reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
+    return cfg, world, policy, reward, world.test[:n]
+
+
 def _atomic_dir(final: Path, write) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))

@@ -126,17 +126,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import load_policy, setup_logging
-    from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.world import load_world
-    setup_logging()
-    cfg = apply_overrides(get_recipe(args.recipe), args.set)
-    cfg.data.test_size = max(cfg.data.test_size, args.n)
-    world = load_world(cfg.data)
-    policy = load_policy(args.checkpoint or cfg.init)
-    reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
-    recs = world.test[: args.n]
+    from alphagrpo.train.common import eval_context
+    cfg, world, policy, reward, recs = eval_context(args.recipe, args.set, args.n, args.checkpoint)
     res = evaluate(policy, world, recs, num_steps=args.steps or cfg.sampler.eval_steps, shift=cfg.sampler.shift,
                    cfg=cfg.cfg, reward=reward, seed=args.seed, batch=cfg.eval_batch,
                    max_think_tokens=cfg.max_think_tokens, progress=True)

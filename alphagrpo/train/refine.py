@@ -96,23 +96,15 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import load_policy, print_table, setup_logging
-    from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.world import load_world
-    setup_logging()
-    cfg = apply_overrides(get_recipe(args.recipe), args.set)
-    cfg.data.test_size = max(cfg.data.test_size, args.n)
-    world = load_world(cfg.data)
-    policy = load_policy(args.checkpoint or cfg.init)
-    reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
-    recs = world.test[: args.n]
+    from alphagrpo.train.common import eval_context
+    cfg, world, policy, reward, recs = eval_context(args.recipe, args.set, args.n, args.checkpoint)
     res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
                  num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=args.seed,
                  batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "refine.json").write_text(json.dumps({"history": res.history, "n": len(recs)}, indent=1))
+    from alphagrpo.train.common import print_table
     print_table("inference-time refinement (accuracy on the best image so far)",
                 [(h["round"], h["refined"], f"{h.get('accuracy', float('nan')):.3f}", f"{h['reward']:.3f}")
                  for h in res.history], ("round", "refined", "accuracy", "reward"))
