@@ -1,6 +1,8 @@
 """Shared pytest set-up, kept minimal.
 
 - Tests marked ``cuda`` are skipped on machines without an NVIDIA GPU.
+- Every test runs with one torch thread: the models are tiny, CI has 2 cores, and OpenMP spinning under contention
+  makes such tests several times slower.
 - Triton's CPU interpreter works only if ``triton.language`` is first imported with ``TRITON_INTERPRET=1``. Without a
   GPU, import it that way here, then restore the variable: only tests that set it (the kernel tests, through
   ``monkeypatch``) run kernels in the interpreter; every other test keeps the plain-PyTorch references.
@@ -31,3 +33,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,7 +20,6 @@ def small_cfg(tmp_path, steps=6, **over):
 
 
 def test_reward_improves_on_a_fixed_training_set(tmp_path):
-    torch.set_num_threads(1)
     cfg = small_cfg(tmp_path, steps=16, **{"optim.lr": "3e-2"})
     hist, _ = train(cfg, brightness_world(), tmp_path / "run", policy=micro_policy(1))
     r = [h["reward_mean"] for h in hist]
@@ -32,7 +31,6 @@ def test_reward_improves_on_a_fixed_training_set(tmp_path):
 
 
 def test_resume_is_exact_bit_for_bit(tmp_path):
-    torch.set_num_threads(1)
     cfg = small_cfg(tmp_path, steps=4)
     _, straight = train(cfg, brightness_world(), tmp_path / "a", policy=micro_policy(1))
     half = small_cfg(tmp_path, steps=2)

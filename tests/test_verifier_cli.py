@@ -17,13 +17,6 @@ from verifier_engine.cli import main  # noqa: E402
 from verifier_engine.profiler import profile_server  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

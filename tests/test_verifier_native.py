@@ -16,14 +16,6 @@ QUESTIONS = ["Is there a red circle in the image?", "Are there exactly two blue 
              "Is the style a watercolor painting?", "Is any text legible?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the CI machine's few cores are shared, and OpenMP spinning under contention is slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def bundle(request):

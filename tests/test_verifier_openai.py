@@ -19,13 +19,6 @@ from verifier_engine.testing import build_tiny, random_images, serve_in_thread  
 from verifier_engine.vlm import VLBundle  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def bundle():

@@ -19,13 +19,6 @@ from verifier_engine.testing import make_tiny_model, random_images  # noqa: E402
 from verifier_engine.vlm import VLBundle  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def fake_trtllm(log: list):
     mod = types.ModuleType("tensorrt_llm")
