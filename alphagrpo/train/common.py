@@ -18,6 +18,16 @@ SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "tinyumm_shapes"
 CKPT_FORMAT = "alphagrpo.trainer/v1"
 
 
+def require(module: str, extra: str):
+    """Import an optional dependency, or raise an ImportError that names the extra to install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed here: pip install 'alphagrpo[{extra}]' (or pip install "
+                          f"{module.split('.')[0]})") from e
+
+
 def setup_logging(level=logging.INFO, rank: int = 0) -> None:
     """Console logging for a command (never at import time); non-zero ranks only warn."""
     logging.basicConfig(level=level if rank == 0 else logging.WARNING,

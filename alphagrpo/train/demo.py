@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 
 def reward_curve(path: Path, history: list, title: str) -> None:
     """PNG of the per-step rollout reward (mean and +-std band)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from alphagrpo.train.common import require
+    require("matplotlib", "train").use("Agg")
+    plt = require("matplotlib.pyplot", "train")
     steps = list(range(1, len(history) + 1))
     mean = [h["reward_mean"] for h in history]
     std = [h["reward_std"] for h in history]

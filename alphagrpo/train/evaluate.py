@@ -27,8 +27,8 @@ def generate(policy, requests: Sequence[GenRequest], *, num_steps: int, shift: f
     images, texts = [], []
     it = range(0, len(requests), batch)
     if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="generate", unit="batch", leave=False)
+        from alphagrpo.train.common import require
+        it = require("tqdm", "train").tqdm(it, desc="generate", unit="batch", leave=False)
     for a in it:
         part = list(requests[a:a + batch])
         th = policy.sample_think(part, generator=generator, max_new_tokens=max_think_tokens,

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,13 +46,24 @@ def make_batch(world, records, rng: np.random.Generator, edit_frac: float):
 
 
 def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minutes: float = 0.0, batch: int = 64,
-             lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=()):
-    """Train a fresh TinyUMM; save it to ``out``. Returns ``(policy, report dict)``."""
+             lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=(),
+             init: Optional[str] = None, train_shift: float = 3.0):
+    """Train a fresh TinyUMM (or continue ``init``); save it to ``out``. Returns ``(policy, report dict)``.
+    ``train_shift`` skews the flow-matching noise levels towards high sigma (where the layout must come from the
+    text alone)."""
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
     from alphagrpo.train.trainer import reflection_words
     torch.manual_seed(seed)  # parameter initialisation only; data and noise use explicit generators below
     words = list(world.words) + reflection_words() + list(extra_words)
-    policy = TinyUMMPolicy.create(sorted(set(words)), **MODEL_SIZES[size])
+    if init:
+        policy = TinyUMMPolicy.from_pretrained(init)
+        missing = sorted(set(words) - set(policy.tok.stoi))
+        if missing:
+            raise ValueError(f"checkpoint {init} lacks words of this world: {missing[:10]}; pretrain from scratch")
+        prior = json.loads((Path(init) / "config.json").read_text()).get("pretrain")
+    else:
+        policy = TinyUMMPolicy.create(sorted(set(words)), **MODEL_SIZES[size])
+        prior = None
     model = policy.model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = min(500, max(1, steps // 20))
@@ -68,7 +80,7 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     for step in range(steps):
         idx = rng.integers(0, len(world.train), size=batch)
         reqs, thinks, imgs = make_batch(world, [world.train[i] for i in idx], rng, edit_frac)
-        lm, flow = policy.supervised_losses(reqs, thinks, imgs, generator=gen)
+        lm, flow = policy.supervised_losses(reqs, thinks, imgs, generator=gen, shift=train_shift)
         loss = lm + flow
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -87,7 +99,8 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     elapsed = time.time() - t0
     report = {"size": size, "parameters": n_params, "steps": done, "batch": batch, "lr": lr, "seed": seed,
               "edit_frac": edit_frac, "minutes": elapsed / 60, "lm_loss": ema[0] if ema else None,
-              "flow_loss": ema[1] if ema else None, "threads": torch.get_num_threads()}
+              "flow_loss": ema[1] if ema else None, "threads": torch.get_num_threads(), "train_shift": train_shift,
+              "init": str(init) if init else None, "previous": prior}
     policy.save_pretrained(out, extra={"pretrain": report})
     return policy, report
 
@@ -102,6 +115,9 @@ def add_arguments(p):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=256, help="held-out prompts for the final report")
+    p.add_argument("--init", default=None, help="continue from this checkpoint instead of a fresh model")
+    p.add_argument("--edit-frac", type=float, default=0.25, help="fraction of refinement (edit) examples")
+    p.add_argument("--train-shift", type=float, default=3.0, help="noise-level shift of the flow-matching loss")
 
 
 def run(args) -> int:
@@ -117,7 +133,8 @@ def run(args) -> int:
     world = load_world(cfg.data)
     out = Path(args.out) if args.out else SHIPPED
     policy, report = pretrain(world, out=out, size=args.size, steps=args.steps, minutes=args.minutes,
-                              batch=args.batch, lr=args.lr, seed=args.seed)
+                              batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
+                              edit_frac=args.edit_frac, train_shift=args.train_shift)
     reward = DVReward(world.verifier, mode=cfg.reward.mode)
     recs = world.test[: args.eval_n]
     res = evaluate(policy, world, recs, num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg,
