@@ -35,3 +35,19 @@ def test_holistic_verifier_gives_a_coarse_overall_score_and_passes_other_questio
     assert g == 1.0 and e < 0.5 and round(e * 10) == e * 10
     direct = rec["semantic_questions"][0]["question"]
     assert hv.score([good], [[direct]]) == S.ShapesVerifier().score([good], [[direct]])
+
+
+def test_held_out_subset_covers_every_task_type(monkeypatch):
+    """The test split is ordered by task; the world must hand out a shuffled prefix, not the first few tasks."""
+    from alphagrpo.train import world as W
+    from alphagrpo.train.config import DataConfig
+
+    real = S.synthesize
+
+    def small_synth(n_per_task, n_test, seed):
+        return real(n_per_task=2, n_test=n_test, seed=seed)
+
+    monkeypatch.setattr(S, "synthesize", small_synth)
+    w = W.load_world(DataConfig(train_per_task=1, test_size=64))
+    assert len({r["task"] for r in w.test}) >= 15
+    assert len(w.train) == len(S.TASKS)

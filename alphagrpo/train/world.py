@@ -117,7 +117,8 @@ class HolisticShapesVerifier:
 def load_world(cfg: DataConfig) -> World:
     """The shapes world: the full synthesized split (500 prompts per task, 1,024 test) so that the test prompts
     are always the same and disjoint from everything pretraining saw; training uses the first
-    ``train_per_task`` prompts of each task, evaluation the first ``test_size`` test prompts."""
+    ``train_per_task`` prompts of each task, evaluation the first ``test_size`` prompts of a fixed shuffle of the
+    test split (the split is ordered by task, so a plain prefix would cover only a few task types)."""
     if cfg.world != "shapes":
         raise ValueError(f"unknown world {cfg.world!r}; the built-in world is 'shapes'")
     from alphagrpo.worlds import shapes as S
@@ -129,6 +130,8 @@ def load_world(cfg: DataConfig) -> World:
         if k < cfg.train_per_task:
             train.append(r)
             per_task[r["task"]] = k + 1
+    order = np.random.default_rng(cfg.seed + 1_000_003).permutation(len(full_test))
+    full_test = [full_test[i] for i in order]
     if cfg.train_file:
         train = S.read_jsonl(cfg.train_file)
     verifier = S.ShapesVerifier()
