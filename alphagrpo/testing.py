@@ -54,3 +54,28 @@ def micro_policy(seed: int = 0, image_size: int = 16):
     from alphagrpo.train.trainer import reflection_words
     torch.manual_seed(seed)
     return TinyUMMPolicy.create(WORDS + reflection_words(), dim=32, n_layers=1, n_heads=2, image_size=image_size, max_positions=160)
+
+
+def dist_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One rank of the 2-process gloo test: a trainer step on the brightness world, saving its rewards and
+    advantages to ``out_dir/rank{r}.pt``."""
+    import torch
+    import torch.distributed as dist
+
+    from alphagrpo.rewards import DVReward
+    from alphagrpo.train.config import apply_overrides, get_recipe
+    from alphagrpo.train.trainer import GRPOTrainer
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        cfg = apply_overrides(get_recipe("tiny_shapes"), [
+            "prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=3", "cfg.text_scale=1.0",
+            "sampler.num_steps=3", "sampler.window=1", "sampler.window_starts=0,1,2"])
+        world = brightness_world()
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)   # per-rank generator, as train() does
+        tr = GRPOTrainer(micro_policy(0), DVReward(world.verifier), cfg, generator=gen)
+        tr.step(world.train[2 * rank:2 * rank + 2])
+        torch.save({"raw": tr.last_rewards["raw"], "adv": tr.last_rewards["advantages"]}, f"{out_dir}/rank{rank}.pt")
+        tr.close()
+    finally:
+        dist.destroy_process_group()

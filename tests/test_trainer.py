@@ -94,3 +94,20 @@ def test_all_zero_advantages_skip_the_update(tmp_path):
     hist, _ = train(small_cfg(tmp_path, steps=2, ckpt_every=0), world, tmp_path / "z", policy=pol)
     assert all(h["skipped"] == 1 for h in hist)
     assert all(torch.equal(before[k], v) for k, v in pol.model.state_dict().items())
+
+
+def test_two_gloo_ranks_share_one_global_reward_std(tmp_path):
+    """Distributed-ready: each rank samples with its own generator, and advantages use the rewards of all ranks."""
+    import torch.multiprocessing as mp
+
+    from alphagrpo import group_advantages
+    from alphagrpo.testing import dist_worker
+    mp.spawn(dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    raw = torch.cat([r0["raw"], r1["raw"]])
+    groups = torch.arange(4).repeat_interleave(4)           # 2 prompts x 4 samples per rank
+    expected = group_advantages(raw, groups)
+    assert torch.allclose(torch.cat([r0["adv"], r1["adv"]]), expected, atol=1e-6)
+    local_only = group_advantages(r0["raw"], groups[:8])
+    assert not torch.allclose(r0["adv"], local_only), "rank 0 must normalise by the global std, not its own"
+    assert not torch.equal(r0["raw"], r1["raw"])
