@@ -47,7 +47,7 @@ def make_batch(world, records, rng: np.random.Generator, edit_frac: float):
 
 def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minutes: float = 0.0, batch: int = 64,
              lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=(),
-             init: Optional[str] = None, train_shift: float = 3.0):
+             init: Optional[str] = None, train_shift: float = 3.0, stop_after: int = 0):
     """Train a fresh TinyUMM (or continue ``init``); save it to ``out``. Returns ``(policy, report dict)``.
     ``train_shift`` skews the flow-matching noise levels towards high sigma (where the layout must come from the
     text alone)."""
@@ -94,7 +94,7 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
             el = time.time() - t0
             log.info("pretrain step %6d | lm %.4f | flow %.4f | lr %.2e | %.1f ex/s | %.1f min", done, ema[0], ema[1],
                      sched.get_last_lr()[0], done * batch / el, el / 60)
-        if minutes and time.time() - t0 > minutes * 60:
+        if (minutes and time.time() - t0 > minutes * 60) or (stop_after and done >= stop_after):
             break
     elapsed = time.time() - t0
     report = {"size": size, "parameters": n_params, "steps": done, "batch": batch, "lr": lr, "seed": seed,
@@ -118,6 +118,8 @@ def add_arguments(p):
     p.add_argument("--init", default=None, help="continue from this checkpoint instead of a fresh model")
     p.add_argument("--edit-frac", type=float, default=0.25, help="fraction of refinement (edit) examples")
     p.add_argument("--train-shift", type=float, default=3.0, help="noise-level shift of the flow-matching loss")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all)")
 
 
 def run(args) -> int:
@@ -134,7 +136,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else SHIPPED
     policy, report = pretrain(world, out=out, size=args.size, steps=args.steps, minutes=args.minutes,
                               batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
-                              edit_frac=args.edit_frac, train_shift=args.train_shift)
+                              edit_frac=args.edit_frac, train_shift=args.train_shift, stop_after=args.stop_after)
     reward = DVReward(world.verifier, mode=cfg.reward.mode)
     recs = world.test[: args.eval_n]
     res = evaluate(policy, world, recs, num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg,
