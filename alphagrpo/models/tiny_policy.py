@@ -69,6 +69,7 @@ class TinyUMMPolicy:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"format": FORMAT, "model": self.model.cfg.to_dict(), "tokenizer": json.loads(self.tok.to_json()),

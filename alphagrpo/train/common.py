@@ -74,6 +74,7 @@ def eval_context(recipe: str, overrides, n: int, checkpoint: Optional[str] = Non
 def _atomic_dir(final: Path, write) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
     try:
         write(tmp)
         if final.exists():
