@@ -171,7 +171,7 @@ class GRPOTrainer:
         return [images[i * M + int(worst[i])] for i in range(len(records))], r.gather(1, worst[:, None]).squeeze(1)
 
     # ------------------------------------------------------------------ replay
-    def _replay_chunk(self, ro: Rollout, adv: torch.Tensor, weight: float, stats: StepStats, srr: bool):
+    def _replay_chunk(self, ro: Rollout, adv: torch.Tensor, weight: float, stats: StepStats):
         c, lc = self.cfg, self.cfg.loss
         n = len(ro.requests)
         if ro.think is not None and lc.text_weight > 0:
@@ -229,7 +229,7 @@ class GRPOTrainer:
             a = 0
             for ro in chunks:
                 n = len(ro.requests)
-                self._replay_chunk(ro, adv[a:a + n], n / n_total, stats, srr)
+                self._replay_chunk(ro, adv[a:a + n], n / n_total, stats)
                 a += n
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.optim.grad_clip)
             self.optimizer.step()
