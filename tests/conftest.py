@@ -41,3 +41,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """Force the Triton path on CPU tensors, through Triton's interpreter (the kernel tests)."""
+    from alphagrpo.kernels import use_fused
+    from alphagrpo.kernels.dispatch import interpreter_ready
+    if not interpreter_ready():
+        pytest.skip("Triton's interpreter needs TRITON_INTERPRET=1 before triton is imported (conftest does this "
+                    "on machines without CUDA)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with use_fused(True):
+        yield

@@ -13,28 +13,12 @@ import pytest
 import torch
 
 from alphagrpo.kernels import ar_grpo_loss, ar_grpo_loss_ref, use_fused
-from alphagrpo.kernels.dispatch import interpreter_ready
+
+from _tolerance import _rule  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def fused(monkeypatch):
-    """Force the Triton path on CPU tensors, through Triton's interpreter."""
-    if not interpreter_ready():
-        pytest.skip("Triton's interpreter needs TRITON_INTERPRET=1 before triton is imported (conftest does this "
-                    "on machines without CUDA)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with use_fused(True):
-        yield
-
-
-def _rule(name, got, plain, oracle):
-    oracle = oracle.double()
-    err_k = (got.double() - oracle).abs().max().item()
-    err_p = (plain.double() - oracle).abs().max().item()
-    atol = max(1e-6, torch.finfo(got.dtype).eps) * max(oracle.abs().max().item(), 1e-3)
-    assert err_k <= 2 * err_p + atol, f"{name}: kernel error {err_k:.3e} > 2 x torch error {err_p:.3e} + {atol:.1e}"
 
 
 def _case(dtype, n=40, h=40, v=203, device="cpu", seed=0, scale=1.0):

@@ -12,29 +12,13 @@ import pytest
 import torch
 
 from alphagrpo.kernels import flow_grpo_loss, flow_grpo_loss_ref, use_fused
-from alphagrpo.kernels.dispatch import backend_for, interpreter_ready
+from alphagrpo.kernels.dispatch import backend_for
+
+from _tolerance import _rule  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def fused(monkeypatch):
-    """Force the Triton path on CPU tensors, through Triton's interpreter."""
-    if not interpreter_ready():
-        pytest.skip("Triton's interpreter needs TRITON_INTERPRET=1 before triton is imported (conftest does this "
-                    "on machines without CUDA)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with use_fused(True):
-        yield
-
-
-def _rule(name, got, plain, oracle):
-    oracle = oracle.double()
-    err_k = (got.double() - oracle).abs().max().item()
-    err_p = (plain.double() - oracle).abs().max().item()
-    # plus one rounding of the output dtype at the quantity's scale (a 16-bit output may round the other way)
-    atol = max(1e-6, torch.finfo(got.dtype).eps) * max(oracle.abs().max().item(), 1e-3)
-    assert err_k <= 2 * err_p + atol, f"{name}: kernel error {err_k:.3e} > 2 x torch error {err_p:.3e} + {atol:.1e}"
 
 
 def _case(b, shape, dtype, device="cpu", per_sample=False, with_ref=False, seed=0):
