@@ -172,6 +172,19 @@ class VLBundle:
         return self._encode(text)
 
     # ---- images --------------------------------------------------------------------------------------------------
+    def prepare(self, images: Sequence[Any], question_lists: Sequence[Sequence[str]], expected_answers=None):
+        """What every backend's ``score`` starts with: validate the batch and the expected answers, make the output
+        (zeros), and preprocess the images that have questions. Returns ``(expected, out, keep, preprocessed)``;
+        ``preprocessed`` is ``None`` when no image has a question."""
+        from .prompt import check_expected
+        from .protocol import check_batch
+        check_batch(images, question_lists)
+        expected = check_expected(expected_answers, question_lists)
+        out = [[0.0] * len(qs) for qs in question_lists]
+        keep = [i for i, qs in enumerate(question_lists) if len(qs)]
+        pre = self.preprocess([images[i] for i in keep]) if keep else None
+        return expected, out, keep, pre
+
     def preprocess(self, images: Sequence[Any]):
         """``(pixel_values, grid_thw (B, 3), n_tokens per image, patch offsets (B + 1))`` for the vision tower."""
         import torch

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..prompt import SYSTEM_PROMPT, apply_expected, check_expected
-from ..protocol import check_batch
+from ..prompt import SYSTEM_PROMPT, apply_expected
 from ..vlm import VLBundle
 
 
@@ -34,13 +33,10 @@ class HFVerifier:
 
     def score(self, images: Sequence[Any], question_lists: Sequence[Sequence[str]],
               expected_answers: Sequence[Sequence[str | None]] | None = None) -> list[list[float]]:
-        check_batch(images, question_lists)
-        expected = check_expected(expected_answers, question_lists)
-        out = [[0.0] * len(qs) for qs in question_lists]
-        keep = [i for i, qs in enumerate(question_lists) if len(qs)]
+        expected, out, keep, pre = self.bundle.prepare(images, question_lists, expected_answers)
         if not keep:
             return out
-        pixel_values, grid, n_tokens, offsets = self.bundle.preprocess([images[i] for i in keep])
+        pixel_values, grid, n_tokens, offsets = pre
         items = [(k, i, j) for k, i in enumerate(keep) for j in range(len(question_lists[i]))]
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
