@@ -141,6 +141,28 @@ def test_refinement_stops_early_when_every_question_passes():
         refine(micro_policy(0), Scripted([0.9]), world.test, rounds=-1)
 
 
+def test_resample_control_draws_fresh_text_to_image_samples_and_keeps_the_best(monkeypatch):
+    import alphagrpo.train.refine as R
+    seen = []
+    real = R.generate
+
+    def spy(policy, reqs, **kw):
+        seen.append([(r.image is None, r.instruction) for r in reqs])
+        return real(policy, reqs, **kw)
+
+    monkeypatch.setattr(R, "generate", spy)
+    world = brightness_world(n_test=2)
+    kw = dict(rounds=2, num_steps=3, batch=8, max_think_tokens=3, judge=world.judge)
+    res = refine(micro_policy(0), Scripted([0.2, 0.1, 0.3]), world.test, mode="resample", **kw)
+    assert len(seen) == 3 and all(no_img and instr is None for call in seen for no_img, instr in call)
+    assert torch.allclose(res.rewards, torch.full((2,), 0.3))
+    seen.clear()
+    refine(micro_policy(0), Scripted([0.2, 0.1, 0.3]), world.test, mode="reflect", **kw)
+    assert all(not no_img and instr for call in seen[1:] for no_img, instr in call), "reflect shows the image"
+    with pytest.raises(ValueError, match="mode"):
+        refine(micro_policy(0), Scripted([0.9]), world.test, mode="bestof")
+
+
 def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_path):
     import json
 

@@ -95,7 +95,7 @@ class TinyUMMPolicy:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}")
         tok = WordTokenizer.from_json(json.dumps(meta["tokenizer"]))
-        model = TinyUMM(TinyUMMConfig(**meta["model"]))
+        model = TinyUMM(TinyUMMConfig(**{"patch_pos": "learned", **meta["model"]}))  # older files: learned
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         return cls(model, tok)
 

@@ -33,12 +33,17 @@ class TinyUMMConfig:
     image_size: int = 32
     channels: int = 3
     patch: int = 4
+    # image-patch positions: "sincos2d" adds DiT's fixed 2-D sine-cosine table under the learned one (row and
+    # column are explicit from step 0); "learned" is the learned table alone (checkpoints written before the field)
+    patch_pos: str = "sincos2d"
 
     def __post_init__(self):
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.image_size % self.patch:
             raise ValueError(f"image_size ({self.image_size}) must be divisible by patch ({self.patch})")
+        if self.patch_pos not in ("sincos2d", "learned"):
+            raise ValueError(f"patch_pos must be 'sincos2d' or 'learned', got {self.patch_pos!r}")
         if self.vocab_size < 8:
             raise ValueError(f"vocab_size must be at least 8 (special tokens + words), got {self.vocab_size}")
 
@@ -66,6 +71,21 @@ def unpatchify(t: torch.Tensor, p: int, c: int, size: int) -> torch.Tensor:
     b, n = t.shape[:2]
     g = size // p
     return t.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, size, size)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table ``[grid*grid, dim]`` in patchify order (row-major): the first half of
+    the channels encodes the row, the second half the column, each as sin/cos over ``dim/4`` frequencies."""
+    if dim % 4:
+        raise ValueError(f"dim ({dim}) must be divisible by 4 for 2-D sine-cosine positions")
+    q = dim // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(q, dtype=torch.float32) / q))
+    pos = torch.arange(grid, dtype=torch.float32)
+    one = torch.outer(pos, freqs)                                   # [grid, q]
+    emb1 = torch.cat([one.sin(), one.cos()], dim=-1)                # [grid, dim/2]
+    rows = emb1[:, None, :].expand(grid, grid, -1)
+    cols = emb1[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)
 
 
 def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
@@ -165,6 +185,9 @@ class TinyUMM(nn.Module):
             nn.init.zeros_(lay.gen_mod.bias)
         nn.init.normal_(self.img_in_pos, std=0.02)
         nn.init.normal_(self.x_pos, std=0.02)
+        fixed = (sincos_2d(cfg.image_size // cfg.patch, d) if cfg.patch_pos == "sincos2d"
+                 else torch.zeros(cfg.n_patches, d))
+        self.register_buffer("patch_pos_fixed", fixed, persistent=False)  # derived from the config, not saved
 
     @staticmethod
     def _init(m):
@@ -183,7 +206,7 @@ class TinyUMM(nn.Module):
         h = self.tok_emb(tokens.clamp_min(0)) + self.pos_emb(positions)
         if images is not None and bool((img_slot >= 0).any()):
             patches = patchify(images.float(), self.cfg.patch)                    # [B, P, pd]
-            emb = self.img_in(patches) + self.img_in_pos                           # [B, P, D]
+            emb = self.img_in(patches) + self.img_in_pos + self.patch_pos_fixed                         # [B, P, D]
             idx = img_slot.clamp_min(0)
             picked = torch.gather(emb, 1, idx[..., None].expand(-1, -1, emb.shape[-1]))
             h = torch.where((img_slot >= 0)[..., None], picked, h)
@@ -203,7 +226,7 @@ class TinyUMM(nn.Module):
         keys/values (``[B, h, Lc, D/h]``) and the context key mask ``[B, Lc]``."""
         c = self.cfg
         temb = self.t_mlp(timestep_embedding(sigma, c.dim))
-        h = self.x_in(patchify(x.float(), c.patch)) + self.x_pos
+        h = self.x_in(patchify(x.float(), c.patch)) + self.x_pos + self.patch_pos_fixed
         for lay, kv in zip(self.layers, ctx_kv):
             h = lay.gen_forward(h, temb, kv, ctx_mask)
         shift, scale = self.out_mod(temb)[:, None].chunk(2, dim=-1)

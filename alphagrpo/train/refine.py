@@ -4,6 +4,10 @@ Generate; verify; while some question fails (a score <= 0.5) or the reward is un
 its current best image with the reflection instruction, let it write a diagnosis + edit instruction (think text),
 draw a refined image, and keep whichever image scores best. Stops after ``rounds`` rounds or when every sample is
 satisfied. Accuracy is reported per round (after round r, on the best image so far).
+
+``mode="resample"`` is the control that separates reflection from selection: the same loop and the same budget,
+but each round draws a fresh text-to-image sample (no input image, no reflection) and keeps the best, i.e.
+best-of-(1 + rounds) under the same verifier. ``alphagrpo refine --compare`` runs both on the same prompts.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from alphagrpo.train.evaluate import generate
 from alphagrpo.train.trainer import reflection_instruction
 
 log = logging.getLogger(__name__)
+
+MODES = ("reflect", "resample")
 
 
 @dataclass
@@ -41,10 +47,13 @@ def _needs_refinement(res, i: int, threshold: Optional[float]) -> bool:
 
 def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshold: Optional[float] = None,
            num_steps: int = 40, shift: float = 3.0, cfg: Optional[CFGConfig] = None, seed: int = 0,
-           batch: int = 64, max_think_tokens: int = 48, judge=None) -> RefineResult:
-    """Refine up to ``rounds`` times; ``judge(image, record) -> bool`` adds per-round accuracy when given."""
+           batch: int = 64, max_think_tokens: int = 48, judge=None, mode: str = "reflect") -> RefineResult:
+    """Refine up to ``rounds`` times; ``judge(image, record) -> bool`` adds per-round accuracy when given.
+    ``mode``: ``"reflect"`` (self-reflective refinement) or ``"resample"`` (best-of-n control, see module doc)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cfg = cfg or CFGConfig()
     g = torch.Generator().manual_seed(seed)
     n = len(records)
@@ -59,8 +68,11 @@ def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshol
     for rnd in range(1, rounds + 1):
         if not pending:
             break
-        reqs = [GenRequest(records[i]["prompt"], image=best_img[i],
-                           instruction=reflection_instruction(records[i]["prompt"])) for i in pending]
+        if mode == "reflect":
+            reqs = [GenRequest(records[i]["prompt"], image=best_img[i],
+                               instruction=reflection_instruction(records[i]["prompt"])) for i in pending]
+        else:
+            reqs = [GenRequest(records[i]["prompt"]) for i in pending]
         imgs, th = generate(policy, reqs, **kw)
         sub = [records[i] for i in pending]
         r2 = reward(list(imgs), sub)
@@ -92,21 +104,34 @@ def add_arguments(p):
     p.add_argument("--n", type=int, default=128, help="held-out prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/refine")
+    p.add_argument("--mode", default="reflect", choices=MODES,
+                   help="reflect: self-reflective refinement; resample: best-of-n control without reflection")
+    p.add_argument("--compare", action="store_true",
+                   help="run reflect and resample on the same prompts and seed, print both per round")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
 def run(args) -> int:
-    from alphagrpo.train.common import eval_context
+    from alphagrpo.train.common import eval_context, print_table
     cfg, world, policy, reward, recs = eval_context(args.recipe, args.set, args.n, args.checkpoint)
-    res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
-                 num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=args.seed,
-                 batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge)
+    modes = MODES if args.compare else (args.mode,)
+    hist = {}
+    for mode in modes:
+        res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
+                     num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=args.seed,
+                     batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
+        hist[mode] = res.history
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "refine.json").write_text(json.dumps({"history": res.history, "n": len(recs)}, indent=1))
-    from alphagrpo.train.common import print_table
-    print_table("inference-time refinement (accuracy on the best image so far)",
-                [(h["round"], h["refined"], f"{h.get('accuracy', float('nan')):.3f}", f"{h['reward']:.3f}")
-                 for h in res.history], ("round", "refined", "accuracy", "reward"))
-    print(json.dumps({"rounds": res.history}))
+    (out / "refine.json").write_text(json.dumps({"history": hist, "n": len(recs), "seed": args.seed}, indent=1))
+    rows = []
+    for r in range(len(hist[modes[0]])):
+        row = [r]
+        for mode in modes:
+            h = hist[mode][r] if r < len(hist[mode]) else hist[mode][-1]
+            row += [h["refined"], f"{h.get('accuracy', float('nan')):.3f}", f"{h['reward']:.3f}"]
+        rows.append(tuple(row))
+    head = ("round",) + sum(((f"{m} refined", f"{m} accuracy", f"{m} reward") for m in modes), ())
+    print_table("inference-time refinement (accuracy on the best image so far)", rows, head)
+    print(json.dumps({"rounds": hist[modes[0]]} if len(modes) == 1 else {"rounds": hist}))
     return 0
