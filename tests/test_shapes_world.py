@@ -47,17 +47,19 @@ def test_scene_json_round_trip_and_malformed_json():
 
 def test_plan_text_round_trips_and_is_lowercase_words():
     text = plan_text(SCENE)
-    assert text == "large red circle at x0 y0; small blue cross at x2 y1; large white triangle at x1 y2"
+    assert text == "large red circle at x0y0; small blue cross at x2y1; large white triangle at x1y2"
     assert parse_plan(text) == SCENE
     assert parse_plan(text.upper().replace("; ", " ;  ")) == SCENE
     assert plan_text(Scene(())) == "empty" and parse_plan("empty") == Scene(())
 
 
 @pytest.mark.parametrize("bad, msg", [
-    ("large red blob at x0 y0", "unknown shape"),
-    ("large red circle x0 y0", "expected"),
-    ("large red circle at y0 x0", "expected"),
-    ("large red circle at x0 y0; large red square at x0 y0", "distinct cells"),
+    ("large red blob at x0y0", "unknown shape"),
+    ("large red circle x0y0", "expected"),
+    ("large red circle at y0x0", "expected"),
+    ("large red circle at x0 y0", "expected"),
+    ("large red circle at x0y7", "cell"),
+    ("large red circle at x0y0; large red square at x0y0", "distinct cells"),
     ("", "empty plan"),
 ])
 def test_parse_plan_errors_say_what_is_wrong(bad, msg):

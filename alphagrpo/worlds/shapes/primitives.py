@@ -3,7 +3,8 @@
 A scene is a tuple of objects, each a (shape, color, size) drawn centred in one cell of a ``GRID x GRID`` grid
 (``x`` the column, 0 = left; ``y`` the row, 0 = top). Objects sit in distinct cells and never reach beyond their
 cell, so they never overlap. The plan text is the scene written out as a reasoning model would write its layout
-first: ``"large red circle at x1 y2; small blue square at x0 y0"``.
+first: ``"large red circle at x1y2; small blue square at x0y0"``. The cell is one word (column and row together), so a
+model binds an object to a cell with a single lookup instead of a column-and-row conjunction.
 
 Chosen not to do: free (sub-cell) positions, rotations, overlapping objects. They would make the world harder to
 learn for a tiny model and the truth harder to read from pixels, and the recipe does not need them.
@@ -66,7 +67,7 @@ class ShapeObject:
                 raise ValueError(f"{name} must be an integer cell in [0, {GRID}), got {v!r}")
 
     def words(self) -> str:
-        return f"{self.size} {self.color} {self.shape} at x{self.x} y{self.y}"
+        return f"{self.size} {self.color} {self.shape} at x{self.x}y{self.y}"
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def words(text: str) -> list[str]:
 
 
 def plan_text(scene: Scene) -> str:
-    """The explicit layout, one item per object in scene order: ``"<size> <color> <shape> at x<col> y<row>"``
+    """The explicit layout, one item per object in scene order: ``"<size> <color> <shape> at x<col>y<row>"``
     joined by ``"; "``; ``"empty"`` for an empty scene."""
     if not isinstance(scene, Scene):
         raise TypeError(f"plan_text() needs a Scene, got {type(scene).__name__}")
@@ -136,7 +137,7 @@ def plan_text(scene: Scene) -> str:
     return "; ".join(o.words() for o in scene.objects)
 
 
-_CELL = re.compile(r"^([xy])(\d+)$")
+_CELL = re.compile(r"^x(\d+)y(\d+)$")
 
 
 def parse_plan(text: str) -> Scene:
@@ -156,15 +157,15 @@ def parse_plan(text: str) -> Scene:
             items[-1].append(t)
     objs = []
     for i, it in enumerate(items):
-        form = "'<size> <color> <shape> at x<col> y<row>'"
-        if len(it) != 6 or it[3] != "at":
+        form = "'<size> <color> <shape> at x<col>y<row>'"
+        if len(it) != 5 or it[3] != "at":
             raise ValueError(f"cannot parse plan item {i + 1} {' '.join(it)!r}: expected {form}")
-        size, color, shape, _, cx, cy = it
-        mx, my = _CELL.match(cx), _CELL.match(cy)
-        if not (mx and mx.group(1) == "x" and my and my.group(1) == "y"):
+        size, color, shape, _, cell = it
+        m = _CELL.match(cell)
+        if not m:
             raise ValueError(f"cannot parse plan item {i + 1} {' '.join(it)!r}: expected {form}")
         try:
-            objs.append(ShapeObject(shape, color, size, int(mx.group(2)), int(my.group(2))))
+            objs.append(ShapeObject(shape, color, size, int(m.group(1)), int(m.group(2))))
         except ValueError as e:
             raise ValueError(f"plan item {i + 1} {' '.join(it)!r}: {e}") from None
     try:
@@ -174,6 +175,6 @@ def parse_plan(text: str) -> Scene:
 
 
 def cell_tokens() -> list[str]:
-    """The plan's cell words: ``x0 .. x{GRID-1}``, ``y0 .. y{GRID-1}``."""
-    return [f"x{i}" for i in range(GRID)] + [f"y{i}" for i in range(GRID)]
+    """The plan's cell words ``x<col>y<row>``, one per cell (``GRID * GRID`` of them)."""
+    return [f"x{c}y{r}" for r in range(GRID) for c in range(GRID)]
 
