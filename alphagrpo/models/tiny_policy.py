@@ -167,7 +167,10 @@ class TinyUMMPolicy:
     # ---------------------------------------------------------------- text
     @torch.no_grad()
     def sample_think(self, requests, *, generator, max_new_tokens=48, temperature=1.0) -> ThinkSample:
-        """Sample think text with a KV cache; ``logp`` at temperature 1 from the full softmax."""
+        """Sample think text with a KV cache; ``logp`` at temperature 1 from the full softmax. ``temperature`` 0
+        decodes greedily (the generator is then unused)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         m, tok = self.model, self.tok
         b = self._batch(requests, None, ["full"] * len(requests), open_think=True)
         hid, kvs = self._run_context(b)
@@ -181,8 +184,11 @@ class TinyUMMPolicy:
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=self.device)
         for t in range(max_new_tokens):
             logp_full = F.log_softmax(logits.float(), dim=-1)
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(self.device)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1)
+            else:
+                probs = F.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(self.device)
             out[:, t] = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
             lps[:, t] = torch.where(done, torch.zeros_like(lps[:, t]), logp_full.gather(1, nxt[:, None]).squeeze(1))
             newly = (~done) & (nxt == tok.eot_id)
