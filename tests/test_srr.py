@@ -177,3 +177,20 @@ def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_pat
     assert set(t["variants"]) == {"confidence", "binary"}
     assert all(len(v["runs"]) == 2 and 0.0 <= v["accuracy_mean"] <= 1.0 for v in t["variants"].values())
     assert json.loads((tmp_path / "ab" / "ablation_scoring.json").read_text())["steps"] == 1
+
+
+def test_fpr_study_reports_initial_and_refined_accuracy_with_the_start_checkpoint_as_reference(tmp_path):
+    from alphagrpo.train.ablate import START_ROW, run_study
+    ck = tmp_path / "ck"
+    micro_policy(0).save_pretrained(ck)
+    extra = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=3", "cfg.text_scale=1.0",
+             "cfg.image_scale=1.0", "sampler.num_steps=3", "sampler.window=1", "sampler.window_starts=0",
+             "sampler.eval_steps=3", "image_every=0", "eval_batch=8", "srr.initial_samples=2", "srr.num_steps=3",
+             "srr.window=1", "srr.window_starts=0"]
+    t = run_study("fpr", seeds=[0], steps=1, eval_n=3, out=tmp_path / "ab", extra=extra, checkpoint=str(ck),
+                  world=brightness_world(n_test=3))
+    assert list(t["variants"]) == [START_ROW, "fpr on", "fpr off"]
+    for v in t["variants"].values():
+        run = v["runs"][0]
+        # the refined accuracy is measured on the best image so far: never below the initial images'
+        assert run["accuracy"] >= run["initial_accuracy"] and run["reward"] >= run["initial_reward"]

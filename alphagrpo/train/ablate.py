@@ -2,8 +2,9 @@
 
 Each study trains every variant from the same starting checkpoint for several seeds, evaluates on the same held-out
 prompts, and writes a table (held-out ground-truth accuracy and mean DVReward, mean and spread over seeds):
-- ``fpr``: SRR training with False-Positive Rectification on vs off; evaluated after one inference-time
-  refinement round (what SRR training is for);
+- ``fpr``: SRR training with False-Positive Rectification on vs off, and the starting checkpoint without SRR
+  training as the reference row; evaluated by one inference-time refinement round (what SRR training is for),
+  reporting the accuracy of the initial images and of the refined (best-so-far) images;
 - ``scoring``: confidence scores vs binary (thresholded) scores in the reward;
 - ``reward``: DVReward vs a holistic single question ("Does this image match: {prompt}?") vs semantic questions only.
 The reported reward is always the full confidence DVReward, whatever the variant trained on.
@@ -43,6 +44,13 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
     world = world or load_world(base.data)
     test = world.test[:eval_n]
     rows = {}
+    ev_kw = lambda c, seed: dict(num_steps=c.sampler.eval_steps, shift=c.sampler.shift, cfg=c.cfg,  # noqa: E731
+                                 seed=10_000 + seed, batch=c.eval_batch, max_think_tokens=c.max_think_tokens)
+    if study == "fpr":
+        start = load_policy(checkpoint or base.init, base.device)
+        for seed in seeds:
+            res = refine(start, DVReward(world.verifier), test, rounds=1, judge=world.judge, **ev_kw(base, seed))
+            rows.setdefault(START_ROW, []).append(_refine_row(seed, res))
     for name, sets in variants.items():
         for seed in seeds:
             cfg = apply_overrides(get_recipe(recipe), list(extra) + sets + [f"steps={steps}", f"seed={seed}",
@@ -51,16 +59,13 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
             _, policy = train(cfg, world, out / f"{name.replace(' ', '_')}_s{seed}",
                               policy=load_policy(checkpoint or cfg.init, cfg.device))
             reward = DVReward(world.verifier)
-            kw = dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=10_000 + seed,
-                      batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens)
             if study == "fpr":
-                res = refine(policy, reward, test, rounds=1, judge=world.judge, **kw)
-                acc, rew = res.history[-1]["accuracy"], res.history[-1]["reward"]
+                row = _refine_row(seed, refine(policy, reward, test, rounds=1, judge=world.judge, **ev_kw(cfg, seed)))
             else:
-                ev = evaluate(policy, world, test, reward=reward, **kw)
-                acc, rew = ev["accuracy"], ev["reward"]
-            rows.setdefault(name, []).append({"seed": seed, "accuracy": acc, "reward": rew})
-            log.info("%s / %s seed %d: accuracy %.3f reward %.3f", study, name, seed, acc, rew)
+                ev = evaluate(policy, world, test, reward=reward, **ev_kw(cfg, seed))
+                row = {"seed": seed, "accuracy": ev["accuracy"], "reward": ev["reward"]}
+            rows.setdefault(name, []).append(row)
+            log.info("%s / %s seed %d: accuracy %.3f reward %.3f", study, name, seed, row["accuracy"], row["reward"])
     table = {"study": study, "recipe": recipe, "steps": steps, "eval_n": eval_n, "seeds": list(seeds),
              "variants": {k: {"runs": v, **_agg(v)} for k, v in rows.items()}}
     out.mkdir(parents=True, exist_ok=True)
@@ -68,12 +73,24 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
     return table
 
 
+START_ROW = "start checkpoint (no SRR training)"
+
+
+def _refine_row(seed, res) -> dict:
+    """Accuracy/reward after one refinement round, with the initial images' accuracy beside them."""
+    h0, h1 = res.history[0], res.history[-1]
+    return {"seed": seed, "accuracy": h1["accuracy"], "reward": h1["reward"], "initial_accuracy": h0["accuracy"],
+            "initial_reward": h0["reward"]}
+
+
 def _agg(runs):
-    acc = [r["accuracy"] for r in runs]
-    rew = [r["reward"] for r in runs]
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-    return {"accuracy_mean": statistics.mean(acc), "accuracy_sd": sd(acc), "reward_mean": statistics.mean(rew),
-            "reward_sd": sd(rew)}
+    out = {}
+    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward"):
+        if key in runs[0]:
+            v = [r[key] for r in runs]
+            out[f"{key}_mean"], out[f"{key}_sd"] = statistics.mean(v), sd(v)
+    return out
 
 
 def add_arguments(p):
@@ -92,9 +109,15 @@ def run(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t = run_study(args.study, seeds=seeds, steps=args.steps, eval_n=args.eval_n, out=Path(args.out),
                   extra=args.set, checkpoint=args.checkpoint)
-    print_table(f"ablation '{args.study}' ({len(seeds)} seeds, {args.steps} steps, {args.eval_n} held-out prompts)",
-                [(k, f"{v['accuracy_mean']:.3f} ± {v['accuracy_sd']:.3f}", f"{v['reward_mean']:.3f} ± {v['reward_sd']:.3f}")
-                 for k, v in t["variants"].items()], ("variant", "accuracy", "reward"))
+    pm = (lambda v, k: f"{v[k + '_mean']:.3f} ± {v[k + '_sd']:.3f}")  # noqa: E731
+    title = f"ablation '{args.study}' ({len(seeds)} seeds, {args.steps} steps, {args.eval_n} held-out prompts)"
+    if args.study == "fpr":
+        print_table(title, [(k, pm(v, "initial_accuracy"), pm(v, "accuracy"), pm(v, "reward"))
+                            for k, v in t["variants"].items()],
+                    ("variant", "initial accuracy", "refined accuracy", "refined reward"))
+    else:
+        print_table(title, [(k, pm(v, "accuracy"), pm(v, "reward")) for k, v in t["variants"].items()],
+                    ("variant", "accuracy", "reward"))
     print(json.dumps({k: {"accuracy": v["accuracy_mean"], "reward": v["reward_mean"]}
                       for k, v in t["variants"].items()}))
     return 0
