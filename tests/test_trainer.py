@@ -20,11 +20,12 @@ def small_cfg(tmp_path, steps=6, **over):
 
 
 def test_reward_improves_on_a_fixed_training_set(tmp_path):
-    cfg = small_cfg(tmp_path, steps=16, **{"optim.lr": "3e-2"})
+    cfg = small_cfg(tmp_path, steps=16, **{"optim.lr": "1e-2"})
     hist, _ = train(cfg, brightness_world(), tmp_path / "run", policy=micro_policy(1))
     r = [h["reward_mean"] for h in hist]
     assert not any(h["skipped"] for h in hist[:3])
-    # fixed seed, deterministic on CPU; measured +0.25 (seeds 0-2 of this toy: +0.13 to +0.31)
+    # fixed seed, deterministic on CPU; measured +0.24 (policy seeds 0-2 of this toy: +0.22 to +0.24, rising
+    # monotonically; at lr 2e-2 one seed dips near the end)
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.1, f"reward did not rise: {r}"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 16 and "time_reward_wait" in json.loads(lines[0])

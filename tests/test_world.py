@@ -1,5 +1,6 @@
 """The training-side view of the shapes world: refinement examples and the holistic-judge emulation."""
 import numpy as np
+import pytest
 
 from alphagrpo.train.world import HolisticShapesVerifier, shapes_edit_example
 from alphagrpo.worlds import shapes as S
@@ -51,3 +52,14 @@ def test_held_out_subset_covers_every_task_type(monkeypatch):
     w = W.load_world(DataConfig(train_per_task=1, test_size=64))
     assert len({r["task"] for r in w.test}) >= 15
     assert len(w.train) == len(S.TASKS)
+
+
+def test_a_checkpoint_for_another_vocabulary_is_refused_with_the_missing_words(tmp_path):
+    from alphagrpo.testing import brightness_world, micro_policy
+    from alphagrpo.train.common import load_policy
+    world = brightness_world(n_test=2)
+    micro_policy(0).save_pretrained(tmp_path / "ok")
+    assert load_policy(str(tmp_path / "ok"), world=world).tok.stoi
+    world.words = list(world.words) + ["x1y2"]
+    with pytest.raises(ValueError, match=r"missing 1 words.*x1y2.*alphagrpo pretrain"):
+        load_policy(str(tmp_path / "ok"), world=world)

@@ -47,7 +47,7 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
     ev_kw = lambda c, seed: dict(num_steps=c.sampler.eval_steps, shift=c.sampler.shift, cfg=c.cfg,  # noqa: E731
                                  seed=10_000 + seed, batch=c.eval_batch, max_think_tokens=c.max_think_tokens)
     if study == "fpr":
-        start = load_policy(checkpoint or base.init, base.device)
+        start = load_policy(checkpoint or base.init, base.device, world)
         for seed in seeds:
             res = refine(start, DVReward(world.verifier), test, rounds=1, judge=world.judge, **ev_kw(base, seed))
             rows.setdefault(START_ROW, []).append(_refine_row(seed, res))
@@ -57,7 +57,7 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
                                                                             "ckpt_every=0"])
             cfg.data = base.data
             _, policy = train(cfg, world, out / f"{name.replace(' ', '_')}_s{seed}",
-                              policy=load_policy(checkpoint or cfg.init, cfg.device))
+                              policy=load_policy(checkpoint or cfg.init, cfg.device, world))
             reward = DVReward(world.verifier)
             if study == "fpr":
                 row = _refine_row(seed, refine(policy, reward, test, rounds=1, judge=world.judge, **ev_kw(cfg, seed)))

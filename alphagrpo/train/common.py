@@ -45,14 +45,23 @@ def print_table(title: str, rows: Sequence[Sequence], header: Sequence[str]) -> 
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
-def load_policy(path: Optional[str] = None, device: str = "cpu"):
-    """A TinyUMM policy from ``path`` (default: the checkpoint shipped in the package)."""
+def load_policy(path: Optional[str] = None, device: str = "cpu", world=None):
+    """A TinyUMM policy from ``path`` (default: the checkpoint shipped in the package). With ``world``, refuse a
+    checkpoint whose tokenizer lacks words the world's prompts and plans use (a checkpoint of another world or of
+    an older plan format), naming the missing words, instead of failing later in the middle of a run."""
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
     p = Path(path) if path else SHIPPED
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}; run `alphagrpo pretrain --recipe tiny_shapes --out {p}` "
                                 "or pass --checkpoint PATH")
     pol = TinyUMMPolicy.from_pretrained(p)
+    if world is not None:
+        from alphagrpo.train.trainer import reflection_words
+        missing = sorted(w for w in set(world.words) | set(reflection_words()) if w not in pol.tok.stoi)
+        if missing:
+            raise ValueError(f"checkpoint {p} does not cover this world's vocabulary (missing {len(missing)} words, "
+                             f"e.g. {missing[:6]}); it was pretrained for another world or plan format. Pretrain "
+                             "one with `alphagrpo pretrain --recipe RECIPE --out DIR` and pass --checkpoint DIR")
     pol.model.to(device)
     return pol
 
@@ -66,7 +75,7 @@ def eval_context(recipe: str, overrides, n: int, checkpoint: Optional[str] = Non
     cfg = apply_overrides(get_recipe(recipe), list(overrides))
     cfg.data.test_size = max(cfg.data.test_size, n)
     world = load_world(cfg.data)
-    policy = load_policy(checkpoint or cfg.init, cfg.device)
+    policy = load_policy(checkpoint or cfg.init, cfg.device, world)
     reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
     return cfg, world, policy, reward, world.test[:n]
 

@@ -61,7 +61,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = load_world(cfg.data)
-    policy = load_policy(args.checkpoint or cfg.init, cfg.device)
+    policy = load_policy(args.checkpoint or cfg.init, cfg.device, world)
     reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
     test = world.test[:n_eval]
     ev = dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, reward=reward,

@@ -102,36 +102,51 @@ def add_arguments(p):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threshold", type=float, default=None, help="also refine while reward is below this")
     p.add_argument("--n", type=int, default=128, help="held-out prompts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated sampling seeds (mean and spread over them)")
     p.add_argument("--out", default="runs/refine")
     p.add_argument("--mode", default="reflect", choices=MODES,
                    help="reflect: self-reflective refinement; resample: best-of-n control without reflection")
     p.add_argument("--compare", action="store_true",
-                   help="run reflect and resample on the same prompts and seed, print both per round")
+                   help="run reflect and resample on the same prompts and seeds, print both per round")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
 def run(args) -> int:
+    import statistics
+
     from alphagrpo.train.common import eval_context, print_table
+    seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    if not seeds:
+        raise ValueError("--seeds needs at least one integer, e.g. --seeds 0,1,2")
     cfg, world, policy, reward, recs = eval_context(args.recipe, args.set, args.n, args.checkpoint)
     modes = MODES if args.compare else (args.mode,)
-    hist = {}
-    for mode in modes:
-        res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
-                     num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=args.seed,
-                     batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
-        hist[mode] = res.history
+    hist = {m: {} for m in modes}
+    for seed in seeds:
+        for mode in modes:
+            res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
+                         num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=seed,
+                         batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
+            h = res.history + [res.history[-1]] * (args.rounds + 1 - len(res.history))  # stopped early: flat
+            hist[mode][seed] = h
+            log.info("%s seed %d: accuracy per round %s", mode, seed, [round(x["accuracy"], 3) for x in h])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "refine.json").write_text(json.dumps({"history": hist, "n": len(recs), "seed": args.seed}, indent=1))
-    rows = []
-    for r in range(len(hist[modes[0]])):
+    (out / "refine.json").write_text(json.dumps({"history": hist, "n": len(recs), "seeds": seeds}, indent=1))
+
+    def stat(mode, r, key):
+        v = [hist[mode][s][r][key] for s in seeds]
+        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    rows, summary = [], {}
+    for r in range(args.rounds + 1):
         row = [r]
         for mode in modes:
-            h = hist[mode][r] if r < len(hist[mode]) else hist[mode][-1]
-            row += [h["refined"], f"{h.get('accuracy', float('nan')):.3f}", f"{h['reward']:.3f}"]
+            (am, asd), (rm, rsd) = stat(mode, r, "accuracy"), stat(mode, r, "reward")
+            row += [f"{am:.3f} ± {asd:.3f}", f"{rm:.3f} ± {rsd:.3f}"]
+            summary.setdefault(mode, []).append({"round": r, "accuracy": am, "reward": rm})
         rows.append(tuple(row))
-    head = ("round",) + sum(((f"{m} refined", f"{m} accuracy", f"{m} reward") for m in modes), ())
-    print_table("inference-time refinement (accuracy on the best image so far)", rows, head)
-    print(json.dumps({"rounds": hist[modes[0]]} if len(modes) == 1 else {"rounds": hist}))
+    head = ("round",) + sum(((f"{m} accuracy", f"{m} reward") for m in modes), ())
+    print_table(f"inference-time refinement: best image so far, {len(recs)} held-out prompts, seeds {seeds}",
+                rows, head)
+    print(json.dumps(summary if len(modes) > 1 else {"rounds": summary[modes[0]]}))
     return 0

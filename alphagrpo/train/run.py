@@ -62,9 +62,9 @@ def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool =
     state = None
     if resume:
         state = load_checkpoint(run_dir, cfg.recipe)
-        policy = load_policy(str(state["policy_path"]), cfg.device)
+        policy = load_policy(str(state["policy_path"]), cfg.device, world)
     elif policy is None:
-        policy = load_policy(cfg.init, cfg.device)
+        policy = load_policy(cfg.init, cfg.device, world)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary, holistic=cfg.reward.holistic)
     trainer = GRPOTrainer(policy, reward, cfg, generator=gen)
