@@ -46,8 +46,18 @@ def _missing(module: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. Bad input (a wrong config value, a missing or incompatible checkpoint or data file) ends
+    with ``error: <what to change>`` on stderr and exit status 2 instead of a traceback; ``ALPHAGRPO_DEBUG=1``
+    re-raises for the traceback."""
+    import os
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("ALPHAGRPO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

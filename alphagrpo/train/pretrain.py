@@ -47,7 +47,7 @@ def make_batch(world, records, rng: np.random.Generator, edit_frac: float):
 
 def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minutes: float = 0.0, batch: int = 64,
              lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=(),
-             init: Optional[str] = None, train_shift: float = 3.0, stop_after: int = 0):
+             init: Optional[str] = None, train_shift: float = 3.0, stop_after: int = 0, device: str = "cpu"):
     """Train a fresh TinyUMM (or continue ``init``); save it to ``out``. Returns ``(policy, report dict)``.
     ``train_shift`` skews the flow-matching noise levels towards high sigma (where the layout must come from the
     text alone)."""
@@ -64,7 +64,7 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     else:
         policy = TinyUMMPolicy.create(sorted(set(words)), **MODEL_SIZES[size])
         prior = None
-    model = policy.model
+    model = policy.model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = min(500, max(1, steps // 20))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -100,14 +100,16 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     report = {"size": size, "parameters": n_params, "steps": done, "batch": batch, "lr": lr, "seed": seed,
               "edit_frac": edit_frac, "minutes": elapsed / 60, "lm_loss": ema[0] if ema else None,
               "flow_loss": ema[1] if ema else None, "threads": torch.get_num_threads(), "train_shift": train_shift,
-              "init": str(init) if init else None, "previous": prior}
+              "init": str(init) if init else None, "previous": prior, "device": str(device)}
     policy.save_pretrained(out, extra={"pretrain": report})
     return policy, report
 
 
 def add_arguments(p):
     p.add_argument("--recipe", default="tiny_shapes", help="recipe whose data/world to pretrain on")
-    p.add_argument("--out", default=None, help="checkpoint folder (default: the package's shipped checkpoint)")
+    p.add_argument("--out", default="runs/pretrain/tinyumm_shapes",
+                   help="checkpoint folder (the shipped one is alphagrpo/assets/tinyumm_shapes; never the default, "
+                        "so a stray run cannot replace it)")
     p.add_argument("--size", default="tiny", choices=sorted(MODEL_SIZES))
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--minutes", type=float, default=0.0, help="stop after this wall time (0: no limit)")
@@ -118,25 +120,31 @@ def add_arguments(p):
     p.add_argument("--init", default=None, help="continue from this checkpoint instead of a fresh model")
     p.add_argument("--edit-frac", type=float, default=0.25, help="fraction of refinement (edit) examples")
     p.add_argument("--train-shift", type=float, default=3.0, help="noise-level shift of the flow-matching loss")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; the CPU run is the reference")
     p.add_argument("--stop-after", type=int, default=0,
                    help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all)")
 
 
 def run(args) -> int:
     from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import SHIPPED, print_table, setup_logging
+    from alphagrpo.train.common import print_table, setup_logging
     from alphagrpo.train.config import get_recipe
     from alphagrpo.train.evaluate import evaluate, grid_from_eval, summary
     from alphagrpo.train.world import load_world
     setup_logging()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for CUDA but this torch has no CUDA device; use --device cpu")
     cfg = get_recipe(args.recipe)
     cfg.data.train_per_task = 500  # pretraining sees the whole synthesized training split
     cfg.data.test_size = max(cfg.data.test_size, args.eval_n)
     world = load_world(cfg.data)
-    out = Path(args.out) if args.out else SHIPPED
+    out = Path(args.out)
     policy, report = pretrain(world, out=out, size=args.size, steps=args.steps, minutes=args.minutes,
                               batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
-                              edit_frac=args.edit_frac, train_shift=args.train_shift, stop_after=args.stop_after)
+                              edit_frac=args.edit_frac, train_shift=args.train_shift, stop_after=args.stop_after,
+                              device=device)
     reward = DVReward(world.verifier, mode=cfg.reward.mode)
     recs = world.test[: args.eval_n]
     res = evaluate(policy, world, recs, num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg,

@@ -1,0 +1,44 @@
+"""The user-facing jobs end to end on the shipped checkpoint, shrunk to seconds: ``alphagrpo demo`` (the README's
+main job) and ``alphagrpo refine --compare``; bad input ends with a one-line error and status 2."""
+import json
+
+from alphagrpo.cli import main
+
+TINY = ["--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "micro_batch=4", "--set",
+        "sampler.num_steps=3", "--set", "sampler.window=1", "--set", "sampler.window_starts=0", "--set",
+        "sampler.eval_steps=2", "--set", "data.train_per_task=2", "--set", "image_every=0"]
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_demo_runs_end_to_end_and_ends_with_the_before_after_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--eval-n", "3", *TINY]) == 0
+    res = _last_json(capsys)
+    for k in ("before", "after"):
+        assert 0.0 <= res[k]["accuracy"] <= 1.0 and 0.0 <= res[k]["reward"] <= 1.0
+    assert res["steps"] == 1 and res["eval_n"] == 3
+    for f in ("before.png", "after.png", "reward_curve.png", "metrics.json"):
+        assert (out / f).is_file(), f
+    assert (out / "run" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_refine_compare_reports_both_modes_per_round(tmp_path, capsys):
+    assert main(["refine", "--compare", "--seeds", "0,1", "--n", "2", "--rounds", "1", "--out", str(tmp_path),
+                 *TINY]) == 0
+    res = _last_json(capsys)
+    assert set(res) == {"reflect", "resample"}
+    for mode in res.values():
+        assert [r["round"] for r in mode] == [0, 1]
+        assert mode[1]["accuracy"] >= mode[0]["accuracy"] and mode[1]["reward"] >= mode[0]["reward"]
+    saved = json.loads((tmp_path / "refine.json").read_text())
+    assert saved["seeds"] == [0, 1] and set(saved["history"]["reflect"]) == {"0", "1"}
+
+
+def test_bad_input_gets_one_line_error_and_status_2(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--set", "optim.lr=-1"]) == 2
+    assert "optim.lr must be positive" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--n", "2", "--set", "data.train_per_task=2"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

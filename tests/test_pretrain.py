@@ -1,0 +1,90 @@
+"""``alphagrpo pretrain``: reproducible from its seed, it learns, it stops where told, it continues a checkpoint,
+and it refuses a checkpoint that lacks the world's words or a CUDA device that is not there."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alphagrpo.models.policy import GenRequest
+from alphagrpo.testing import brightness_world
+from alphagrpo.train import pretrain as P
+
+SIZE = dict(dim=32, n_layers=1, n_heads=2, image_size=16, max_positions=160)
+
+
+@pytest.fixture(autouse=True)
+def test_size(monkeypatch):
+    monkeypatch.setitem(P.MODEL_SIZES, "test", SIZE)
+
+
+def _run(tmp_path, name, **kw):
+    args = dict(size="test", steps=8, batch=4, lr=3e-3, seed=0, log_every=1000)
+    args.update(kw)
+    return P.pretrain(brightness_world(n_train=8), out=tmp_path / name, **args)
+
+
+def _fixed_losses(policy):
+    world = brightness_world(n_train=8)
+    rng = np.random.default_rng(5)
+    recs = world.train[:4]
+    reqs, thinks, imgs = P.make_batch(world, recs, rng, edit_frac=0.0)
+    with torch.no_grad():
+        lm, flow = policy.supervised_losses(reqs, thinks, imgs, generator=torch.Generator().manual_seed(0), p_drop=0.0)
+    return lm.item(), flow.item()
+
+
+def test_pretraining_is_reproducible_from_the_seed(tmp_path):
+    a, rep = _run(tmp_path, "a")
+    b, _ = _run(tmp_path, "b")
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), k
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["pretrain"]
+    assert saved["steps"] == 8 and saved["seed"] == 0 and saved["device"] == "cpu" and rep["parameters"] > 0
+
+
+def test_pretraining_lowers_both_losses_on_a_fixed_batch(tmp_path):
+    torch.manual_seed(0)
+    from alphagrpo.models.tiny_policy import TinyUMMPolicy
+    from alphagrpo.train.trainer import reflection_words
+    world = brightness_world(n_train=8)
+    fresh = TinyUMMPolicy.create(sorted(set(world.words) | set(reflection_words())), **SIZE)
+    lm0, flow0 = _fixed_losses(fresh)
+    trained, _ = _run(tmp_path, "t", steps=60)
+    lm1, flow1 = _fixed_losses(trained)
+    assert lm1 < 0.5 * lm0 and flow1 < flow0, (lm0, lm1, flow0, flow1)
+
+
+def test_stop_after_and_init_continue_a_checkpoint(tmp_path):
+    _, rep = _run(tmp_path, "s", steps=10, stop_after=3)
+    assert rep["steps"] == 3
+    cont, rep2 = _run(tmp_path, "c", steps=2, init=str(tmp_path / "s"))
+    assert rep2["init"] == str(tmp_path / "s") and rep2["previous"]["steps"] == 3
+    from alphagrpo.models.tiny_policy import TinyUMMPolicy
+    assert cont.tok.itos == TinyUMMPolicy.from_pretrained(tmp_path / "s").tok.itos
+
+
+def test_init_without_the_world_words_is_refused(tmp_path):
+    _run(tmp_path, "s", steps=1)
+    with pytest.raises(ValueError, match="lacks words"):
+        P.pretrain(brightness_world(n_train=4), out=tmp_path / "x", size="test", steps=1, batch=2,
+                   init=str(tmp_path / "s"), extra_words=["zebra"])
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from alphagrpo.cli import main
+    assert main(["pretrain", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_edit_examples_pair_a_wrong_image_with_the_reflection_instruction():
+    from alphagrpo.train.config import get_recipe
+    from alphagrpo.train.world import load_world
+    cfg = get_recipe("tiny_shapes")
+    cfg.data.train_per_task = 1
+    world = load_world(cfg.data)
+    reqs, thinks, imgs = P.make_batch(world, world.train[:6], np.random.default_rng(0), edit_frac=1.0)
+    assert all(isinstance(r, GenRequest) and r.image is not None and r.instruction for r in reqs)
+    assert all("plan :" in t for t in thinks) and imgs.shape == (6, 32, 32, 3)
