@@ -33,6 +33,7 @@ def test_refine_compare_reports_both_modes_per_round(tmp_path, capsys):
     for mode in res.values():
         assert [r["round"] for r in mode] == [0, 1]
         assert mode[1]["accuracy"] >= mode[0]["accuracy"] and mode[1]["reward"] >= mode[0]["reward"]
+    assert (tmp_path / "refinement.png").is_file()
     saved = json.loads((tmp_path / "refine.json").read_text())
     assert saved["seeds"] == [0, 1] and set(saved["history"]["reflect"]) == {"0", "1"}
 

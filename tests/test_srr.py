@@ -133,6 +133,16 @@ def test_refinement_stops_at_the_round_limit_and_keeps_the_best_image():
         assert np.array_equal(res.images[i], res.trace[i][1][1]), "best image must be round 1's"
 
 
+def test_refinement_figure_shows_the_most_improved_prompts(tmp_path):
+    from alphagrpo.train.refine import refinement_figure
+    world = brightness_world(n_test=3)
+    res = refine(micro_policy(0), Scripted([0.2, 0.4]), world.test, rounds=1, num_steps=3, batch=8, max_think_tokens=3)
+    res.trace[1][-1] = res.trace[1][-1][:2] + (0.9, [0.9])  # prompt 1 improved most
+    recs = [dict(r, quality_questions=[]) for r in world.test]
+    shown = refinement_figure(tmp_path / "f.png", res, recs, n=2)
+    assert shown[0] == 1 and len(shown) == 2 and (tmp_path / "f.png").stat().st_size > 0
+
+
 def test_refinement_stops_early_when_every_question_passes():
     world = brightness_world(n_test=2)
     res = refine(micro_policy(0), Scripted([0.9]), world.test, rounds=5, num_steps=3, batch=8, max_think_tokens=3)

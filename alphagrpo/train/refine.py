@@ -96,6 +96,55 @@ def _round_stats(rnd, images, rewards, records, judge, refined):
     return out
 
 
+def refinement_figure(path, res: RefineResult, records: Sequence[dict], n: int = 4, scale: int = 4) -> list:
+    """PNG explaining refinement on ``n`` prompts (those whose reward improved most first): the prompt, the
+    initial image, the think text the model wrote when shown it, the refined image, and every question's score
+    before -> after (red: failed, <= 0.5). Returns the indices shown."""
+    from PIL import Image, ImageDraw
+    gains = [(res.trace[i][-1][2] - res.trace[i][0][2], i) for i in range(len(records)) if len(res.trace[i]) > 1]
+    shown = [i for _, i in sorted(gains, reverse=True)[:n]]
+    if not shown:
+        return []
+    h, w = res.trace[shown[0]][0][1].shape[:2]
+    iw, ih = w * scale, h * scale
+    qh = 11
+    blocks = []
+    for i in shown:
+        r = records[i]
+        qs = [q["question"] for q in r["semantic_questions"]] + [q["question"] for q in r.get("quality_questions", [])]
+        blocks.append((i, qs, max(ih + 40, 34 + qh * (len(qs) + 5))))
+    W = 3 * iw + 560
+    canvas = Image.new("RGB", (W, sum(b[2] for b in blocks) + 8), (30, 30, 30))
+    d = ImageDraw.Draw(canvas)
+    y = 4
+    for i, qs, bh in blocks:
+        first, last = res.trace[i][0], res.trace[i][-1]
+        d.text((6, y), f"prompt: {records[i]['prompt']}"[:150], fill=(255, 255, 255))
+        canvas.paste(Image.fromarray(first[1]).resize((iw, ih), Image.NEAREST), (6, y + 16))
+        canvas.paste(Image.fromarray(last[1]).resize((iw, ih), Image.NEAREST), (iw + 40, y + 16))
+        d.text((6, y + 20 + ih), f"initial  r={first[2]:.2f}", fill=(200, 200, 200))
+        d.text((iw + 40, y + 20 + ih), f"refined (round {len(res.trace[i]) - 1})  r={last[2]:.2f}", fill=(200, 200, 200))
+        d.text((iw + 12, y + 16 + ih // 2), "->", fill=(255, 255, 255))
+        x = 2 * iw + 60
+        think = " ".join(last[0].split())
+        lines = [think[k:k + 95] for k in range(0, len(think), 95)][:4]
+        d.text((x, y + 16), "think (written when shown the initial image):", fill=(150, 200, 255))
+        for k, ln in enumerate(lines):
+            d.text((x, y + 16 + qh * (k + 1)), ln, fill=(150, 200, 255))
+        top = y + 16 + qh * (len(lines) + 2)
+        for k, q in enumerate(qs):
+            a, b = first[3][k], last[3][k]
+            d.text((x, top + qh * k), f"{a:.2f}", fill=(230, 80, 80) if a <= 0.5 else (90, 220, 90))
+            d.text((x + 34, top + qh * k), "->", fill=(200, 200, 200))
+            d.text((x + 52, top + qh * k), f"{b:.2f}", fill=(230, 80, 80) if b <= 0.5 else (90, 220, 90))
+            d.text((x + 90, top + qh * k), q[:80], fill=(220, 220, 220))
+        y += bh
+        d.line([(0, y - 3), (W, y - 3)], fill=(70, 70, 70))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return shown
+
+
 def add_arguments(p):
     p.add_argument("--checkpoint", default=None, help="TinyUMM checkpoint (default: the shipped one)")
     p.add_argument("--recipe", default="tiny_shapes")
@@ -108,6 +157,8 @@ def add_arguments(p):
                    help="reflect: self-reflective refinement; resample: best-of-n control without reflection")
     p.add_argument("--compare", action="store_true",
                    help="run reflect and resample on the same prompts and seeds, print both per round")
+    p.add_argument("--figure", type=int, default=4, metavar="N",
+                   help="write refinement.png explaining N refined prompts of the first seed (0: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -128,6 +179,8 @@ def run(args) -> int:
                          batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
             h = res.history + [res.history[-1]] * (args.rounds + 1 - len(res.history))  # stopped early: flat
             hist[mode][seed] = h
+            if mode == "reflect" and seed == seeds[0] and args.figure > 0:
+                refinement_figure(Path(args.out) / "refinement.png", res, recs, n=args.figure)
             log.info("%s seed %d: accuracy per round %s", mode, seed, [round(x["accuracy"], 3) for x in h])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
