@@ -38,6 +38,14 @@ def test_refine_compare_reports_both_modes_per_round(tmp_path, capsys):
     assert saved["seeds"] == [0, 1] and set(saved["history"]["reflect"]) == {"0", "1"}
 
 
+def test_eval_writes_accuracy_grid_and_the_x0_diagnostic(tmp_path, capsys):
+    assert main(["eval", "--n", "2", "--x0", "2", "--out", str(tmp_path), *TINY]) == 0
+    res = _last_json(capsys)
+    assert res["n"] == 2 and 0.0 <= res["accuracy"] <= 1.0
+    for f in ("eval.json", "grid.png", "x0.png"):
+        assert (tmp_path / f).is_file(), f
+
+
 def test_bad_input_gets_one_line_error_and_status_2(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--set", "optim.lr=-1"]) == 2
     assert "optim.lr must be positive" in capsys.readouterr().err

@@ -110,6 +110,33 @@ def grid_from_eval(path, result: dict, records: Sequence[dict], world, n: int = 
     save_grid(path, s["images"][:n], caps, s["correct"][:n])
 
 
+@torch.no_grad()
+def x0_grid(path, policy, world, records: Sequence[dict], sigmas=(1.0, 0.9, 0.75, 0.5, 0.25), seed: int = 0) -> None:
+    """Diagnostic PNG: per prompt, a target scene with its plan, then the model's clean-image prediction
+    ``x0 = x_t - sigma * v`` from that target noised to each ``sigma`` (conditional branch, the target's plan as
+    think text). At ``sigma = 1`` this shows what the model draws from the text alone: objects in their planned
+    cells when it binds the plan to image regions, a haze over many cells when it does not. Needs a policy that
+    exposes its word tokenizer as ``tok`` (TinyUMM) to encode the plan."""
+    if not hasattr(policy, "tok"):
+        raise ValueError(f"x0_grid needs a policy with a word tokenizer `tok` (TinyUMM); {type(policy).__name__} has none")
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    tiles, caps = [], []
+    for r in records:
+        plan, img = world.sample_target(r, rng)
+        th = [torch.tensor(policy.tok.encode(plan))]
+        cond = policy.image_condition([GenRequest(r["prompt"])], th, CFGConfig(text_scale=1.0))
+        x0 = policy.encode(img[None])
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        tiles.append(img)
+        caps.append(plan)
+        for s in sigmas:
+            xt = (1 - s) * x0 + s * noise
+            tiles.append(policy.decode(xt - s * policy.velocity(xt, s, cond))[0])
+            caps.append(f"x0 at sigma {s:g}")
+    save_grid(path, tiles, caps, cols=len(sigmas) + 1, scale=4)
+
+
 def summary(result: dict) -> dict:
     """The JSON-able part of an ``evaluate`` result."""
     return {k: v for k, v in result.items() if k != "samples"}
@@ -122,6 +149,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's eval_steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval", help="folder for eval.json and grid.png")
+    p.add_argument("--x0", type=int, default=0, metavar="N",
+                   help="also write x0.png: the model's clean-image prediction at several noise levels for N prompts")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
 
@@ -135,6 +164,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(summary(res), indent=1))
     grid_from_eval(out / "grid.png", res, recs, world)
+    if args.x0 > 0:
+        x0_grid(out / "x0.png", policy, world, recs[: args.x0], seed=args.seed)
     from alphagrpo.train.common import print_table
     print_table("held-out accuracy per task", [(k, f"{v:.3f}") for k, v in res["per_task"].items()],
                 ("task", "accuracy"))
