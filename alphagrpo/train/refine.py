@@ -177,7 +177,8 @@ def run(args) -> int:
             res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
                          num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=seed,
                          batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
-            h = res.history + [res.history[-1]] * (args.rounds + 1 - len(res.history))  # stopped early: flat
+            h = res.history + [dict(res.history[-1], round=r, refined=0)  # stopped early: nothing left to refine
+                               for r in range(len(res.history), args.rounds + 1)]
             hist[mode][seed] = h
             if mode == "reflect" and seed == seeds[0] and args.figure > 0:
                 refinement_figure(Path(args.out) / "refinement.png", res, recs, n=args.figure)
