@@ -14,7 +14,7 @@ SIZE = dict(dim=32, n_layers=1, n_heads=2, image_size=16, max_positions=160)
 
 
 @pytest.fixture(autouse=True)
-def test_size(monkeypatch):
+def _tiny_size(monkeypatch):
     monkeypatch.setitem(P.MODEL_SIZES, "test", SIZE)
 
 

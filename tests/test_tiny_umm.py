@@ -72,7 +72,7 @@ def test_cfg_scale_one_is_the_conditional_velocity_and_guidance_uses_the_uncondi
     assert torch.allclose(pol.velocity(x, 0.2, c4), pol.velocity(x, 0.2, c1), atol=1e-6)
 
 
-def test_context_does_not_depend_on_the_noisy_image_and_supervised_losses_reach_both_experts():
+def test_supervised_losses_reach_the_text_and_the_generation_path():
     pol = micro_policy(0)
     reqs = [GenRequest(p) for p in PROMPTS]
     imgs = np.random.default_rng(0).integers(0, 255, size=(3, 16, 16, 3), dtype=np.uint8)

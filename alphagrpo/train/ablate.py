@@ -44,12 +44,10 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
     world = world or load_world(base.data)
     test = world.test[:eval_n]
     rows = {}
-    ev_kw = lambda c, seed: dict(num_steps=c.sampler.eval_steps, shift=c.sampler.shift, cfg=c.cfg,  # noqa: E731
-                                 seed=10_000 + seed, batch=c.eval_batch, max_think_tokens=c.max_think_tokens)
     if study == "fpr":
         start = load_policy(checkpoint or base.init, base.device, world)
         for seed in seeds:
-            res = refine(start, DVReward(world.verifier), test, rounds=1, judge=world.judge, **ev_kw(base, seed))
+            res = refine(start, DVReward(world.verifier), test, rounds=1, judge=world.judge, **_eval_kw(base, seed))
             rows.setdefault(START_ROW, []).append(_refine_row(seed, res))
     for name, sets in variants.items():
         for seed in seeds:
@@ -60,9 +58,9 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
                               policy=load_policy(checkpoint or cfg.init, cfg.device, world))
             reward = DVReward(world.verifier)
             if study == "fpr":
-                row = _refine_row(seed, refine(policy, reward, test, rounds=1, judge=world.judge, **ev_kw(cfg, seed)))
+                row = _refine_row(seed, refine(policy, reward, test, rounds=1, judge=world.judge, **_eval_kw(cfg, seed)))
             else:
-                ev = evaluate(policy, world, test, reward=reward, **ev_kw(cfg, seed))
+                ev = evaluate(policy, world, test, reward=reward, **_eval_kw(cfg, seed))
                 row = {"seed": seed, "accuracy": ev["accuracy"], "reward": ev["reward"]}
             rows.setdefault(name, []).append(row)
             log.info("%s / %s seed %d: accuracy %.3f reward %.3f", study, name, seed, row["accuracy"], row["reward"])
@@ -74,6 +72,16 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
 
 
 START_ROW = "start checkpoint (no SRR training)"
+
+
+def _eval_kw(cfg, seed: int) -> dict:
+    """Evaluation sampler settings of ``cfg``; the sampling seed is offset from the training seed."""
+    return dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=10_000 + seed,
+                batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens)
+
+
+def _pm(v: dict, key: str) -> str:
+    return f"{v[key + '_mean']:.3f} ± {v[key + '_sd']:.3f}"
 
 
 def _refine_row(seed, res) -> dict:
@@ -109,14 +117,13 @@ def run(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t = run_study(args.study, seeds=seeds, steps=args.steps, eval_n=args.eval_n, out=Path(args.out),
                   extra=args.set, checkpoint=args.checkpoint)
-    pm = (lambda v, k: f"{v[k + '_mean']:.3f} ± {v[k + '_sd']:.3f}")  # noqa: E731
     title = f"ablation '{args.study}' ({len(seeds)} seeds, {args.steps} steps, {args.eval_n} held-out prompts)"
     if args.study == "fpr":
-        print_table(title, [(k, pm(v, "initial_accuracy"), pm(v, "accuracy"), pm(v, "reward"))
+        print_table(title, [(k, _pm(v, "initial_accuracy"), _pm(v, "accuracy"), _pm(v, "reward"))
                             for k, v in t["variants"].items()],
                     ("variant", "initial accuracy", "refined accuracy", "refined reward"))
     else:
-        print_table(title, [(k, pm(v, "accuracy"), pm(v, "reward")) for k, v in t["variants"].items()],
+        print_table(title, [(k, _pm(v, "accuracy"), _pm(v, "reward")) for k, v in t["variants"].items()],
                     ("variant", "accuracy", "reward"))
     print(json.dumps({k: {"accuracy": v["accuracy_mean"], "reward": v["reward_mean"]}
                       for k, v in t["variants"].items()}))
