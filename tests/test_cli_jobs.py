@@ -44,6 +44,10 @@ def test_eval_writes_accuracy_grid_and_the_x0_diagnostic(tmp_path, capsys):
     assert res["n"] == 2 and 0.0 <= res["accuracy"] <= 1.0
     for f in ("eval.json", "grid.png", "x0.png"):
         assert (tmp_path / f).is_file(), f
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    # DVReward's two parts are reported; per image r = sqrt(S * Q), so mean r <= sqrt(mean S * mean Q)
+    assert 0.0 < saved["semantic"] <= 1.0 and 0.0 < saved["quality"] <= 1.0
+    assert saved["reward"] <= (saved["semantic"] * saved["quality"]) ** 0.5 + 1e-6
 
 
 def test_bad_input_gets_one_line_error_and_status_2(tmp_path, capsys):
@@ -51,3 +55,17 @@ def test_bad_input_gets_one_line_error_and_status_2(tmp_path, capsys):
     assert "optim.lr must be positive" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--n", "2", "--set", "data.train_per_task=2"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_rl_step_probe_shares_random_numbers_across_moved_copies(tmp_path, capsys):
+    """bench/rl_step_probe.py: a zero-length move scores exactly as the unmoved weights (every copy is scored with
+    the same sampling seed), and every other row is a reward in [0, 1]."""
+    from bench.rl_step_probe import main as probe
+    out = tmp_path / "probe.json"
+    assert probe(["--prompts", "2", "--group", "2", "--rounds", "1", "--etas", "0,0.5", "--sign-lrs", "1e-4",
+                  "--random-lrs", "1e-4", "--out", str(out), *TINY]) == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [r["move"] for r in rows][:2] == ["none", "along gradient (L2 length)"]
+    assert rows[1]["size"] == 0.0 and rows[1]["same"] == rows[0]["same"] and rows[1]["held_out"] == rows[0]["held_out"]
+    assert res["grad_norm"] > 0 and all(0.0 <= r[k] <= 1.0 for r in rows for k in ("same", "held_out"))

@@ -9,7 +9,7 @@ import pytest
 from alphagrpo.worlds.shapes import (DIFFICULTIES, QUALITY, TASKS, QuestionParseError, Scene, ShapesVerifier,
                                      evaluate, make_prompt, parse_question, plan_text, question_text, read_jsonl,
                                      render, sample_scene, satisfies, synthesize, vocabulary, words, write_jsonl)
-from alphagrpo.worlds.shapes.synth import allocation
+from alphagrpo.worlds.shapes.synth import allocation, synthesize_splits
 
 TIIF = "/work/shared/data/tiif-bench-testmini/testmini_prompts"
 RECIPE_TAGS = {"Style", "Environment", "Viewpoint", "Existence", "Count", "Attribute", "Action", "Spatial", "Text",
@@ -120,6 +120,19 @@ def test_synthesize_is_reproducible_and_test_split_ignores_train_size(small_synt
     assert test3 == test
     _, test4 = synthesize(n_per_task=0, n_test=57, seed=4)
     assert [r["prompt"] for r in test4] != [r["prompt"] for r in test]
+
+
+def test_extra_split_is_disjoint_and_leaves_train_and_test_unchanged(small_synth):
+    train, test = small_synth
+    train2, test2, extra = synthesize_splits(n_per_task=20, n_test=57, n_extra_per_task=10, seed=3)
+    assert train2 == train and test2 == test
+    counts = Counter((r["task"], r["difficulty"]) for r in extra)
+    for t in TASKS:
+        assert [counts[(t, d)] for d in DIFFICULTIES] == [3, 5, 2]
+    keys = {" ".join(words(r["prompt"])) for r in train + test}
+    assert not keys & {" ".join(words(r["prompt"])) for r in extra}
+    with pytest.raises(ValueError, match="n_extra_per_task"):
+        synthesize_splits(n_per_task=2, n_test=2, n_extra_per_task=-1)
 
 
 def test_synthesized_texts_use_only_the_vocabulary(small_synth):

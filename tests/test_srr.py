@@ -176,7 +176,7 @@ def test_resample_control_draws_fresh_text_to_image_samples_and_keeps_the_best(m
 def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_path):
     import json
 
-    from alphagrpo.train.ablate import run_study
+    from alphagrpo.train.ablate import START_ROW_RL, run_study
     ck = tmp_path / "ck"
     micro_policy(0).save_pretrained(ck)
     extra = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=3", "cfg.text_scale=1.0",
@@ -184,7 +184,7 @@ def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_pat
              "image_every=0", "eval_batch=8"]
     t = run_study("scoring", seeds=[0, 1], steps=1, eval_n=4, out=tmp_path / "ab", extra=extra, checkpoint=str(ck),
                   world=brightness_world(n_test=4))
-    assert set(t["variants"]) == {"confidence", "binary"}
+    assert list(t["variants"]) == [START_ROW_RL, "confidence", "binary"]
     assert all(len(v["runs"]) == 2 and 0.0 <= v["accuracy_mean"] <= 1.0 for v in t["variants"].values())
     assert json.loads((tmp_path / "ab" / "ablation_scoring.json").read_text())["steps"] == 1
 

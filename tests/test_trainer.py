@@ -97,6 +97,21 @@ def test_all_zero_advantages_skip_the_update(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in pol.model.state_dict().items())
 
 
+def test_loss_weights_select_which_path_trains(tmp_path):
+    """image_weight=0 trains the think text alone: the generation expert (image-only weights) stays bit-identical
+    while the understanding path moves; both weights 0 is refused."""
+    pol = micro_policy(4)
+    gen0 = [p.detach().clone() for p in pol.model.gen_parameters()]
+    und0 = [p.detach().clone() for p in pol.model.und_parameters()]
+    hist, _ = train(small_cfg(tmp_path, steps=1, ckpt_every=0, **{"loss.image_weight": "0"}), brightness_world(),
+                    tmp_path / "t", policy=pol)
+    assert hist[0]["skipped"] == 0 and "loss_image" not in hist[0] and "loss_text" in hist[0]
+    assert all(torch.equal(a, b) for a, b in zip(gen0, pol.model.gen_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(und0, pol.model.und_parameters()))
+    with pytest.raises(ValueError, match="both 0"):
+        small_cfg(tmp_path, **{"loss.image_weight": "0", "loss.text_weight": "0"})
+
+
 def test_two_gloo_ranks_share_one_global_reward_std(tmp_path):
     """Distributed-ready: each rank samples with its own generator, and advantages use the rewards of all ranks."""
     import torch.multiprocessing as mp

@@ -38,20 +38,43 @@ def test_holistic_verifier_gives_a_coarse_overall_score_and_passes_other_questio
     assert hv.score([good], [[direct]]) == S.ShapesVerifier().score([good], [[direct]])
 
 
-def test_held_out_subset_covers_every_task_type(monkeypatch):
+@pytest.fixture
+def small_world_synth(monkeypatch):
+    """load_world with a 2-per-task pretraining split (the real one is 500 per task and takes seconds)."""
+    real = S.synthesize_splits
+
+    def small(n_per_task, n_test, n_extra_per_task, seed):
+        return real(n_per_task=2, n_test=n_test, n_extra_per_task=n_extra_per_task, seed=seed)
+
+    monkeypatch.setattr(S, "synthesize_splits", small)
+    return lambda seed: real(n_per_task=2, n_test=1024, n_extra_per_task=0, seed=seed)
+
+
+def test_held_out_subset_covers_every_task_type(small_world_synth):
     """The test split is ordered by task; the world must hand out a shuffled prefix, not the first few tasks."""
     from alphagrpo.train import world as W
     from alphagrpo.train.config import DataConfig
 
-    real = S.synthesize
-
-    def small_synth(n_per_task, n_test, seed):
-        return real(n_per_task=2, n_test=n_test, seed=seed)
-
-    monkeypatch.setattr(S, "synthesize", small_synth)
     w = W.load_world(DataConfig(train_per_task=1, test_size=64))
     assert len({r["task"] for r in w.test}) >= 15
     assert len(w.train) == len(S.TASKS)
+
+
+def test_rl_prompts_are_unseen_by_pretraining_unless_asked(small_world_synth):
+    from alphagrpo.train import world as W
+    from alphagrpo.train.config import DataConfig
+
+    pre_train, pre_test, _ = small_world_synth(0)
+    seen = {r["prompt"] for r in pre_train}
+    unseen = W.load_world(DataConfig(train_per_task=2, test_size=32))
+    assert len(unseen.train) == 2 * len(S.TASKS)
+    assert not {r["prompt"] for r in unseen.train} & seen
+    assert not {r["prompt"] for r in unseen.train} & {r["prompt"] for r in pre_test}
+    pre = W.load_world(DataConfig(train_per_task=2, test_size=32, train_split="pretrain"))
+    assert [r["prompt"] for r in pre.train] == [r["prompt"] for r in pre_train]
+    assert [r["prompt"] for r in pre.test] == [r["prompt"] for r in unseen.test]
+    with pytest.raises(ValueError, match="train_split"):
+        DataConfig(train_split="all")
 
 
 def test_a_checkpoint_for_another_vocabulary_is_refused_with_the_missing_words(tmp_path):

@@ -7,7 +7,8 @@ prompts, and writes a table (held-out ground-truth accuracy and mean DVReward, m
   reporting the accuracy of the initial images and of the refined (best-so-far) images;
 - ``scoring``: confidence scores vs binary (thresholded) scores in the reward;
 - ``reward``: DVReward vs a holistic single question ("Does this image match: {prompt}?") vs semantic questions only.
-The reported reward is always the full confidence DVReward, whatever the variant trained on.
+The reported reward is always the full confidence DVReward, whatever the variant trained on. Every table starts
+with the starting checkpoint itself, evaluated the same way, so a variant is read against "no training" too.
 """
 from __future__ import annotations
 
@@ -44,11 +45,14 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
     world = world or load_world(base.data)
     test = world.test[:eval_n]
     rows = {}
-    if study == "fpr":
-        start = load_policy(checkpoint or base.init, base.device, world)
-        for seed in seeds:
+    start = load_policy(checkpoint or base.init, base.device, world)
+    for seed in seeds:  # the reference row: the starting checkpoint, evaluated as every variant is
+        if study == "fpr":
             res = refine(start, DVReward(world.verifier), test, rounds=1, judge=world.judge, **_eval_kw(base, seed))
             rows.setdefault(START_ROW, []).append(_refine_row(seed, res))
+        else:
+            ev = evaluate(start, world, test, reward=DVReward(world.verifier), **_eval_kw(base, seed))
+            rows.setdefault(START_ROW_RL, []).append({"seed": seed, "accuracy": ev["accuracy"], "reward": ev["reward"]})
     for name, sets in variants.items():
         for seed in seeds:
             cfg = apply_overrides(get_recipe(recipe), list(extra) + sets + [f"steps={steps}", f"seed={seed}",
@@ -72,6 +76,7 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
 
 
 START_ROW = "start checkpoint (no SRR training)"
+START_ROW_RL = "start checkpoint (no GRPO training)"
 
 
 def _eval_kw(cfg, seed: int) -> dict:

@@ -41,6 +41,7 @@ class LossConfig:
     clip_high: float = 0.28
     text_level: str = "sequence"   # "sequence" (GSPO, the code's default) or "token"
     text_weight: float = 1.0       # lambda: 1.0 is the code's RT2I setting, 0.2 the SRR one
+    image_weight: float = 1.0      # weight of the image (flow) loss; 0 trains the think text alone (ablation)
     beta_image: float = 0.0
     beta_text: float = 0.0
     adv_std: str = "global"        # "global" (default) or "group"
@@ -51,8 +52,10 @@ class LossConfig:
             raise ValueError(f"loss.text_level must be 'sequence' or 'token', got {self.text_level!r}")
         if self.adv_std not in ("global", "group"):
             raise ValueError(f"loss.adv_std must be 'global' or 'group', got {self.adv_std!r}")
-        if self.text_weight < 0:
-            raise ValueError("loss.text_weight (lambda) must be >= 0")
+        if self.text_weight < 0 or self.image_weight < 0:
+            raise ValueError("loss.text_weight (lambda) and loss.image_weight must be >= 0")
+        if self.text_weight == 0 and self.image_weight == 0:
+            raise ValueError("loss.text_weight and loss.image_weight are both 0: nothing would be trained")
 
 
 @dataclass
@@ -89,9 +92,16 @@ class SRRConfig:
 class DataConfig:
     world: str = "shapes"
     train_per_task: int = 40       # prompts per task type for training (the paper: 500)
+    train_split: str = "unseen"    # "unseen": RL prompts pretraining never saw; "pretrain": pretraining's own prompts
     test_size: int = 256           # held-out prompts (the paper: 1,024)
     seed: int = 0
     train_file: Optional[str] = None  # JSONL in the authors' schema instead of synthesizing
+
+    def __post_init__(self):
+        if self.train_split not in ("unseen", "pretrain"):
+            raise ValueError(f"data.train_split must be 'unseen' or 'pretrain', got {self.train_split!r}")
+        if self.train_per_task < 1 or self.test_size < 0:
+            raise ValueError("data.train_per_task must be >= 1 and data.test_size >= 0")
 
 
 @dataclass
@@ -154,7 +164,8 @@ def tiny_shapes() -> TrainConfig:
     """RT2I GRPO on the shapes world, sized for a 2-core CPU (a few minutes). CPU-forced departures from RECIPE
     section 3, each cutting the step cost: 12 rollout steps (paper: 16) with a 4-step SDE window (paper: 10) starting
     in {0, 1}; 20 ODE steps at evaluation (paper: 40); full fine-tuning at lr 1e-4 (paper: LoRA at 5e-5; at 1e-3
-    the shipped checkpoint's rollout reward collapses from 0.82 to 0.25 within 20 steps); 40 steps."""
+    the shipped checkpoint's rollout reward collapses from 0.82 to 0.25 within 20 steps); 40 steps. The RL prompts are
+    40 per task type that pretraining never saw (``data.train_split="unseen"``)."""
     c = TrainConfig(recipe="tiny_shapes", eval_size=192, steps=40)
     c.sampler = SamplerConfig(num_steps=12, window=4, window_starts=(0, 1), eval_steps=20)
     c.optim.lr = 1e-4

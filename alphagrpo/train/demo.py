@@ -62,7 +62,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     world = load_world(cfg.data)
     policy = load_policy(args.checkpoint or cfg.init, cfg.device, world)
-    reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
+    # evaluation always reports DVReward as the recipe defines it, whatever reward the run trains on
+    reward = DVReward(world.verifier)
     test = world.test[:n_eval]
     ev = dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, reward=reward,
               seed=10_000 + args.seed, batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens)
@@ -83,6 +84,8 @@ def run(args) -> int:
             for task in before["per_task"]]
     rows.append(("OVERALL accuracy", f"{before['accuracy']:.3f}", f"{after['accuracy']:.3f}"))
     rows.append(("mean DVReward", f"{before['reward']:.3f}", f"{after['reward']:.3f}"))
+    rows.append(("  semantic part", f"{before['semantic']:.3f}", f"{after['semantic']:.3f}"))
+    rows.append(("  quality part", f"{before['quality']:.3f}", f"{after['quality']:.3f}"))
     print_table(f"held-out evaluation ({len(test)} prompts), before vs after {len(history)} GRPO steps",
                 rows, ("task", "before", "after"))
     print(f"report: {out}/ (reward_curve.png, before.png, after.png, metrics.json); "

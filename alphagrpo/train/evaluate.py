@@ -41,24 +41,35 @@ def generate(policy, requests: Sequence[GenRequest], *, num_steps: int, shift: f
     return np.concatenate(images) if images else np.zeros((0,)), texts
 
 
+def _mean_of_means(rows) -> float:
+    """Mean over images of the mean question score (0.0 when there are no questions)."""
+    rows = [r for r in rows if len(r)]
+    return float(np.mean([np.mean(r) for r in rows])) if rows else 0.0
+
+
 def evaluate(policy, world, records: Sequence[dict], *, num_steps: int, shift: float, cfg: CFGConfig,
              reward, seed: int = 0, batch: int = 64, max_think_tokens: int = 48, progress: bool = False,
              think_temperature: float = 1.0) -> dict:
     """Accuracy (fraction of prompts whose image satisfies every semantic question, per the world's strict judge),
-    per task and overall; mean DVReward. Returns a dict with ``accuracy``, ``reward``, ``per_task`` and ``samples``
+    per task and overall; mean reward, and its two parts (``semantic`` and ``quality``: mean question scores), which
+    show when a reward rises for the wrong reason. Returns a dict with ``accuracy``, ``reward``, ``semantic``,
+    ``quality``, ``per_task`` and ``samples``
     (images, think texts, correctness and failed questions for the grid)."""
     g = torch.Generator().manual_seed(seed)
     reqs = [GenRequest(r["prompt"]) for r in records]
     images, texts = generate(policy, reqs, num_steps=num_steps, shift=shift, cfg=cfg, generator=g, batch=batch,
                              max_think_tokens=max_think_tokens, progress=progress, temperature=think_temperature)
     correct = [bool(world.judge(img, r)) for img, r in zip(images, records)]
-    rewards = reward(list(images), list(records)).rewards if len(records) else torch.zeros(0)
+    res = reward(list(images), list(records)) if len(records) else None
+    rewards = res.rewards if res is not None else torch.zeros(0)
     per = defaultdict(list)
     for ok, r in zip(correct, records):
         per[r.get("task", "all")].append(ok)
     return {
         "accuracy": float(np.mean(correct)) if correct else 0.0,
         "reward": float(rewards.mean()) if len(records) else 0.0,
+        "semantic": _mean_of_means(res.semantic) if res is not None else 0.0,
+        "quality": _mean_of_means(res.quality) if res is not None else 0.0,
         "n": len(records),
         "per_task": {k: float(np.mean(v)) for k, v in sorted(per.items())},
         "samples": {"images": images, "think": texts, "correct": correct, "rewards": rewards.tolist()},

@@ -138,6 +138,7 @@ def run(args) -> int:
         raise ValueError(f"--device {device} asked for CUDA but this torch has no CUDA device; use --device cpu")
     cfg = get_recipe(args.recipe)
     cfg.data.train_per_task = 500  # pretraining sees the whole synthesized training split
+    cfg.data.train_split = "pretrain"
     cfg.data.test_size = max(cfg.data.test_size, args.eval_n)
     world = load_world(cfg.data)
     out = Path(args.out)

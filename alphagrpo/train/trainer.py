@@ -184,13 +184,15 @@ class GRPOTrainer:
             stats.add("loss_text", loss_t.item(), n)
             stats.add("clip_text", m["clip_frac"].item(), n)
             stats.add("ratio_text", m["ratio_mean"].item(), n)
+        if lc.image_weight == 0:
+            return
         cond = self.policy.image_condition(ro.requests, ro.think, c.cfg)
         K = len(ro.steps)
         for st in ro.steps:
             v = self.policy.velocity(st.x, st.sigma, cond)
             loss_i, m = kernels.flow_grpo_loss(v, st.x, st.prev, st.sigma, st.sigma_next, c.sampler.noise_level,
                                                st.logp, adv, clip=lc.clip_image, adv_clip=lc.adv_clip)
-            (loss_i * weight / K).backward()
+            (lc.image_weight * loss_i * weight / K).backward()
             stats.add("loss_image", loss_i.item(), n / K)
             stats.add("clip_image", m["clip_frac"].item(), n / K)
             stats.add("ratio_image_max", (m["ratio_max"] - 1).abs().item(), n / K)

@@ -115,17 +115,22 @@ class HolisticShapesVerifier:
 
 
 def load_world(cfg: DataConfig) -> World:
-    """The shapes world: the full synthesized split (500 prompts per task, 1,024 test) so that the test prompts
-    are always the same and disjoint from everything pretraining saw; training uses the first
-    ``train_per_task`` prompts of each task, evaluation the first ``test_size`` prompts of a fixed shuffle of the
-    test split (the split is ordered by task, so a plain prefix would cover only a few task types)."""
+    """The shapes world. Test: the first ``test_size`` prompts of a fixed shuffle of a 1,024-prompt test split (the
+    split is ordered by task, so a plain prefix would cover only a few task types); always the same prompts, disjoint
+    from everything else. Training (``train_per_task`` prompts per task type), by ``train_split``: ``"unseen"``
+    (default, for RL) draws prompts after the 500-per-task pretraining split, so RL trains on prompts the shipped
+    checkpoint never saw, as it will be judged on; ``"pretrain"`` takes the first ones of the pretraining split
+    (what ``alphagrpo pretrain`` trains on). ``train_file`` (JSONL) replaces the synthesized training prompts."""
     if cfg.world != "shapes":
         raise ValueError(f"unknown world {cfg.world!r}; the built-in world is 'shapes'")
     from alphagrpo.worlds import shapes as S
-    full_train, full_test = S.synthesize(n_per_task=500, n_test=max(1024, cfg.test_size), seed=cfg.seed)
+    unseen = cfg.train_split == "unseen"
+    full_train, full_test, extra = S.synthesize_splits(n_per_task=500, n_test=max(1024, cfg.test_size),
+                                                       n_extra_per_task=cfg.train_per_task if unseen else 0,
+                                                       seed=cfg.seed)
     per_task: dict = {}
     train = []
-    for r in full_train:
+    for r in (extra if unseen else full_train):
         k = per_task.get(r["task"], 0)
         if k < cfg.train_per_task:
             train.append(r)
@@ -135,7 +140,7 @@ def load_world(cfg: DataConfig) -> World:
     if cfg.train_file:
         train = S.read_jsonl(cfg.train_file)
     verifier = S.ShapesVerifier()
-    reward_verifier = HolisticShapesVerifier(verifier, full_train + full_test)
+    reward_verifier = HolisticShapesVerifier(verifier, full_train + full_test + extra + train)
 
     def judge(image, record) -> bool:
         return bool(verifier.judge(image, [q["question"] for q in record["semantic_questions"]]))

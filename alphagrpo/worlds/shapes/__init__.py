@@ -17,13 +17,13 @@ from alphagrpo.worlds.shapes.primitives import (BACKGROUND, COLORS, GRID, MAX_OB
 from alphagrpo.worlds.shapes.prompts import (DIFFICULTIES, DIFFICULTY_RATIO, TASKS, make_prompt, quality_questions,
                                              sample_scene, satisfies, semantic_checks, vocabulary)
 from alphagrpo.worlds.shapes.render import degrade, render
-from alphagrpo.worlds.shapes.synth import read_jsonl, summary_table, synthesize, write_jsonl
+from alphagrpo.worlds.shapes.synth import read_jsonl, summary_table, synthesize, synthesize_splits, write_jsonl
 from alphagrpo.worlds.shapes.verifier import ShapesVerifier, failed_questions
 
 __all__ = [
     "SHAPES", "COLORS", "SIZES", "GRID", "MAX_OBJECTS", "BACKGROUND", "TASKS", "DIFFICULTIES", "DIFFICULTY_RATIO",
     "QUALITY", "ShapeObject", "Scene", "render", "degrade", "make_prompt", "sample_scene", "satisfies",
     "semantic_checks", "quality_questions", "plan_text", "parse_plan", "words", "vocabulary", "synthesize",
-    "write_jsonl", "read_jsonl", "summary_table", "ShapesVerifier", "failed_questions", "parse_question",
-    "question_text", "evaluate", "tag_of", "kind_of", "QuestionParseError",
+    "synthesize_splits", "write_jsonl", "read_jsonl", "summary_table", "ShapesVerifier", "failed_questions",
+    "parse_question", "question_text", "evaluate", "tag_of", "kind_of", "QuestionParseError",
 ]

@@ -3,7 +3,8 @@
 ``synthesize`` draws ``n_per_task`` distinct prompts per task type (train) and ``n_test`` more (test), easy, medium and
 hard in ratio 3:5:2, with no prompt text in both splits (nor twice in one). Every (split, task, difficulty) cell has
 its own generator seeded from ``[seed, split, task, difficulty]``, and the test split is drawn first, so it depends
-only on ``seed`` and ``n_test``: growing the training set never changes the test set.
+only on ``seed`` and ``n_test``: growing the training set never changes the test set. ``synthesize_splits`` adds a
+third split drawn after both (prompts a model pretrained on the training split has never seen, for RL).
 """
 from __future__ import annotations
 
@@ -72,21 +73,33 @@ def _draw(task: str, difficulty: str, n: int, rng: np.random.Generator, used: se
 
 def synthesize(n_per_task: int = 500, n_test: int = 1024, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """``(train_records, test_records)`` (see prompts.py for the record form), grouped by task then difficulty."""
-    for name, v in (("n_per_task", n_per_task), ("n_test", n_test), ("seed", seed)):
+    train, test, _ = synthesize_splits(n_per_task, n_test, 0, seed)
+    return train, test
+
+
+def synthesize_splits(n_per_task: int = 500, n_test: int = 1024, n_extra_per_task: int = 0,
+                      seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(train, test, extra)``: ``synthesize``'s two splits plus ``n_extra_per_task`` prompts per task drawn after
+    both (split 2, same 3:5:2 difficulty ratio), distinct from every train and test prompt. Drawn last, the extra
+    split never changes train or test: it holds prompts a model pretrained on ``train`` has never seen (the RL
+    split)."""
+    for name, v in (("n_per_task", n_per_task), ("n_test", n_test), ("n_extra_per_task", n_extra_per_task),
+                    ("seed", seed)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
     train_alloc, test_alloc = allocation(int(n_per_task), int(n_test))
+    extra_alloc, _ = allocation(int(n_extra_per_task), 0)
     used: set = set()
     splits = []
-    for split_id, alloc in ((1, test_alloc), (0, train_alloc)):
+    for split_id, alloc in ((1, test_alloc), (0, train_alloc), (2, extra_alloc)):
         recs: list[dict] = []
         for ti, t in enumerate(TASKS):
             for di, d in enumerate(DIFFICULTIES):
                 rng = np.random.default_rng([int(seed), split_id, ti, di])
                 recs += _draw(t, d, alloc[(t, d)], rng, used)
         splits.append(recs)
-    test, train = splits
-    return train, test
+    test, train, extra = splits
+    return train, test, extra
 
 
 def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
