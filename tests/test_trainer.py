@@ -127,3 +127,14 @@ def test_two_gloo_ranks_share_one_global_reward_std(tmp_path):
     local_only = group_advantages(r0["raw"], groups[:8])
     assert not torch.allclose(r0["adv"], local_only), "rank 0 must normalise by the global std, not its own"
     assert not torch.equal(r0["raw"], r1["raw"])
+
+
+def test_configs_written_before_train_split_resume_on_the_prompts_they_trained_on():
+    """A checkpoint's config without data.train_split came from a run that trained on pretraining's prompts: resuming
+    it must keep those prompts, not switch to the new default."""
+    from alphagrpo.train.config import from_dict
+    d = get_recipe("tiny_shapes").to_dict()
+    assert d["data"]["train_split"] == "unseen"
+    del d["data"]["train_split"]
+    assert from_dict(d).data.train_split == "pretrain"
+    assert from_dict(get_recipe("tiny_shapes").to_dict()).data.train_split == "unseen"

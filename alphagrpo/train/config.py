@@ -238,6 +238,8 @@ def from_dict(d: dict) -> TrainConfig:
     for k, v in d.items():
         if k in kinds:
             sub = {kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()}
+            if k == "data":
+                sub.setdefault("train_split", "pretrain")  # configs written before the field trained on these
             kw[k] = kinds[k](**sub)
         else:
             kw[k] = v
