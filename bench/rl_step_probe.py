@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from alphagrpo.rewards import DVReward
     from alphagrpo.train.common import load_policy
     from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.trainer import GRPOTrainer, StepStats
+    from alphagrpo.train.trainer import GRPOTrainer
     from alphagrpo.train.world import load_world
 
     sets = [f"prompts_per_step={args.prompts}", f"group_size={args.group}", *args.set]
@@ -66,11 +66,7 @@ def main(argv=None) -> int:
         rw = torch.cat([c.reward_future.result().rewards for c in chunks]).float()
         adv = group_advantages(rw, gids, std=cfg.loss.adv_std, eps=cfg.loss.adv_eps).to(trainer.device)
         trainer.optimizer.zero_grad(set_to_none=True)
-        a = 0
-        for ro in chunks:
-            n = len(ro.requests)
-            trainer._replay_chunk(ro, adv[a:a + n], n / len(rw), StepStats())
-            a += n
+        trainer.backward(chunks, adv)
         for g, q in zip(grads, trainer.params):
             if q.grad is not None:
                 g += q.grad / args.rounds

@@ -197,6 +197,17 @@ class GRPOTrainer:
             stats.add("clip_image", m["clip_frac"].item(), n / K)
             stats.add("ratio_image_max", (m["ratio_max"] - 1).abs().item(), n / K)
 
+    def backward(self, chunks, adv: torch.Tensor, stats: Optional[StepStats] = None) -> StepStats:
+        """Replay every chunk with grad and accumulate the step's loss gradient into ``.grad`` (no optimizer step);
+        ``adv`` holds one advantage per sample, in chunk order."""
+        stats = stats if stats is not None else StepStats()
+        n_total, a = adv.numel(), 0
+        for ro in chunks:
+            n = len(ro.requests)
+            self._replay_chunk(ro, adv[a:a + n], n / n_total, stats)
+            a += n
+        return stats
+
     # ------------------------------------------------------------------ one step
     def step(self, records: Sequence[dict]) -> dict:
         """One GRPO step on ``records`` (this rank's prompts). Returns the step's metrics."""
@@ -227,12 +238,7 @@ class GRPOTrainer:
         skipped = bool((adv_all == 0).all())
         self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
-            n_total = rewards.numel()
-            a = 0
-            for ro in chunks:
-                n = len(ro.requests)
-                self._replay_chunk(ro, adv[a:a + n], n / n_total, stats)
-                a += n
+            self.backward(chunks, adv, stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.optim.grad_clip)
             self.optimizer.step()
             metrics["grad_norm"] = float(grad_norm)
