@@ -52,7 +52,9 @@ def sde_step(
     """
     mean, std = sde_mean_std(x, v, sigma, sigma_next, noise_level, sigma_one_substitute)
     if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=mean.device)
+        # drawn where the generator lives (a CPU generator serves CUDA latents too), then moved
+        gdev = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=gdev).to(mean.device)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise must have x's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
     prev = mean + std * noise.float()

@@ -8,6 +8,9 @@
 # The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
 # Usage: bash bench/gpu_check.sh        (PY=/path/to/python to pick the interpreter)
 #        SWEEP=1 SKIP_VERIFIER=1 bash bench/gpu_check.sh   (also time the AR kernel's tile candidates)
+#        DEMO_STEPS=80 DEMO_SET="optim.lr=3e-5" bash bench/gpu_check.sh   (4/4: after the kernels, `alphagrpo demo`
+#            on CUDA for that many GRPO steps with those overrides, under DEMO_TIMEOUT seconds (default 120),
+#            output in demo.txt; not part of the 8-minute budget above)
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,16 +30,8 @@ if [ -z "${PY:-}" ]; then   # the first interpreter with a CUDA torch, else the 
   PY="${PY:-python3}"
 fi
 
-# The project must import as alphagrpo.kernels (setup.py maps kernels/ there). Without an install, build an overlay
-# package in a temp dir: links to every entry of alphagrpo/ plus kernels -> kernels/ (the checkout is not touched).
-if ! "$PY" -c "import alphagrpo.kernels" 2>/dev/null; then
-  OVERLAY="$(mktemp -d)"
-  mkdir -p "$OVERLAY/alphagrpo"
-  for f in "$ROOT"/alphagrpo/*; do ln -s "$f" "$OVERLAY/alphagrpo/$(basename "$f")"; done
-  ln -s "$ROOT/kernels" "$OVERLAY/alphagrpo/kernels"
-  export PYTHONPATH="$OVERLAY:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  log "alphagrpo not installed: using an import overlay at $OVERLAY"
-fi
+# Every step runs from $ROOT, so the checkout's packages import without an install (alphagrpo/__init__.py loads the
+# top-level kernels/ folder as alphagrpo.kernels when no install maps it); bench.* needs $ROOT on the path too.
 export PYTHONPATH="${PYTHONPATH:-$ROOT}"
 case ":$PYTHONPATH:" in *":$ROOT:"*) ;; *) export PYTHONPATH="$PYTHONPATH:$ROOT" ;; esac
 
@@ -87,5 +82,13 @@ if [ -s "$OUT_DIR/kernels.txt" ]; then
   sed '$d' "$OUT_DIR/kernels.txt"                                  # the table, last
 else
   echo "no kernel table: see $OUT_DIR/kernels.stderr.txt"
+fi
+if [ -n "${DEMO_STEPS:-}" ]; then
+  log "4/4 GRPO demo on CUDA: $DEMO_STEPS steps, overrides '${DEMO_SET:-}' (timeout ${DEMO_TIMEOUT:-120} s)"
+  DEMO_ARGS=(demo --steps "$DEMO_STEPS" --out "${TMPDIR:-/tmp}/alphagrpo_demo" --set device=cuda)
+  for kv in ${DEMO_SET:-}; do DEMO_ARGS+=(--set "$kv"); done
+  PYTHONUNBUFFERED=1 timeout "${DEMO_TIMEOUT:-120}" "$PY" -m alphagrpo.cli "${DEMO_ARGS[@]}" > "$OUT_DIR/demo.txt" 2>&1
+  log "demo rc=$?"
+  tail -n 25 "$OUT_DIR/demo.txt"
 fi
 [ "$RC_TESTS" = 0 ] && [ "$RC_KERNELS" = 0 ]

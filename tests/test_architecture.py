@@ -53,3 +53,19 @@ def test_heavy_dependencies_are_not_imported_at_module_level():
                     names = [node.module]
                 bad += [(path.name, n) for n in names if n.split(".")[0] in heavy]
     assert not bad, f"import heavy optional dependencies lazily, inside the code that needs them: {bad}"
+
+
+def test_a_plain_source_checkout_imports_alphagrpo_kernels():
+    """Without the install's mapping (a copied checkout run from its root), kernels/ still loads as alphagrpo.kernels
+    and the package's modules that use it import."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            "import alphagrpo\n"
+            "from alphagrpo.kernels.dispatch import backend_for\n"
+            "import alphagrpo.train.trainer\n"
+            "print(alphagrpo.kernels.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert pathlib.Path(out.stdout.strip()) == ROOT / "kernels" / "__init__.py"

@@ -24,8 +24,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _case(dtype, n=40, h=40, v=203, device="cpu", seed=0, scale=1.0):
     """Packed sequences with an empty one, a single-token one, a fully padded one and scattered padding."""
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=g) * scale).to(device, dtype)
-    weight = (torch.randn(v, h, generator=g) / math.sqrt(h) * 2).to(device, dtype)
+    # built on the CPU (the reference call below included), moved to ``device`` at the end
+    hidden = (torch.randn(n, h, generator=g) * scale).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / math.sqrt(h) * 2).to(dtype)
     tokens = torch.randint(0, v, (n,), generator=g)
     tokens[[0, 7, 31]] = -100
     bounds = [0, 6, 6, 7, 19, 23, n]
