@@ -45,7 +45,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .dispatch import HAS_TRITON, backend_for
+from .dispatch import HAS_TRITON, backend_for, direct_launch
 
 if HAS_TRITON:
     import triton
@@ -475,7 +475,8 @@ class LinearLogProbFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, workspace_bytes):
-        logp, lse = _fwd_op(hidden, weight, tokens, temperature)
+        fwd = _ar_fwd if direct_launch(hidden, weight, tokens) else _fwd_op
+        logp, lse = fwd(hidden, weight, tokens, temperature)
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature, ctx.workspace_bytes = temperature, workspace_bytes
         return logp
@@ -484,8 +485,8 @@ class LinearLogProbFunction(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, tokens, lse = ctx.saved_tensors
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gh, gw = _bwd_op(grad_logp, hidden, weight, tokens, lse, ctx.temperature, need_gh, need_gw,
-                         ctx.workspace_bytes)
+        bwd = _ar_bwd if direct_launch(grad_logp, hidden, weight, tokens, lse) else _bwd_op
+        gh, gw = bwd(grad_logp, hidden, weight, tokens, lse, ctx.temperature, need_gh, need_gw, ctx.workspace_bytes)
         return (gh if need_gh else None), (gw if need_gw else None), None, None, None
 
 

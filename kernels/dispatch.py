@@ -28,7 +28,8 @@ try:  # optional at import time: CPU-only or non-Linux installs have no Triton a
 except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
-__all__ = ["use_fused", "backend_for", "triton_interpret", "interpreter_ready", "HAS_TRITON", "ENV_VAR"]
+__all__ = ["use_fused", "backend_for", "triton_interpret", "interpreter_ready", "direct_launch", "HAS_TRITON",
+           "ENV_VAR"]
 
 ENV_VAR = "ALPHAGRPO_KERNELS"
 _MODES = ("auto", "triton", "ref")
@@ -102,3 +103,14 @@ def backend_for(device: torch.device) -> str:
                            "TRITON_INTERPRET=1 to use Triton's CPU interpreter, or use the references "
                            "(use_fused(False) or ALPHAGRPO_KERNELS=ref)")
     return "triton"
+
+
+def direct_launch(*tensors) -> bool:
+    """Whether a kernel's launcher may be called directly instead of through its ``torch.library`` custom op: in
+    plain eager mode with plain tensors. The custom op is what ``torch.compile`` and other tracers need (an opaque
+    call with known output shapes), but its eager dispatch costs about 0.2 ms of host time per call, more than the
+    kernels themselves at image-step sizes; so tracing (``torch.compile``, ``make_fx``, any dispatch mode, fake or
+    functional tensors) goes through the op and everything else skips it."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None)

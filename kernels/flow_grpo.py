@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .dispatch import HAS_TRITON, backend_for
+from .dispatch import HAS_TRITON, backend_for, direct_launch
 from .sde import sde_coefficients, sde_mean_std
 
 if HAS_TRITON:
@@ -80,7 +80,7 @@ def _check(v, x, prev, logp_old, advantages, mean_ref, clip, adv_clip, beta) -> 
 
 def _stats_dict(logp, ratio, stats) -> Dict[str, torch.Tensor]:
     out = {"logp": logp.detach(), "ratio": ratio.detach()}
-    out.update({k: stats[j].detach() for j, k in enumerate(_STATS)})
+    out.update(zip(_STATS, stats.detach().unbind(0)))   # one op for the five 0-dim views
     return out
 
 
@@ -352,8 +352,9 @@ class FlowGRPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, x, prev, logp_old, advantages, coef, cx, cv, std, mean_ref, clip, adv_clip, beta, need_gx):
-        loss, logp, ratio, stats, gcoef = _fwd_op(v, x, prev, logp_old, advantages, coef, cx, cv, std, mean_ref,
-                                                  clip, adv_clip, beta)
+        fwd = _flow_fwd if direct_launch(v, x, prev, logp_old, advantages, coef, mean_ref) else _fwd_op
+        loss, logp, ratio, stats, gcoef = fwd(v, x, prev, logp_old, advantages, coef, cx, cv, std, mean_ref,
+                                              clip, adv_clip, beta)
         ctx.save_for_backward(v, x, prev, mean_ref if beta != 0.0 else None, coef, gcoef)  # KL grad only if beta
         ctx.cx, ctx.cv, ctx.need_gx, ctx.gx_dtype = cx, cv, need_gx, x.dtype
         ctx.mark_non_differentiable(logp, ratio, stats)
@@ -362,7 +363,9 @@ class FlowGRPOFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gloss, *_):
         v, x, prev, mean_ref, coef, gcoef = ctx.saved_tensors
-        gv, gx = _bwd_op(gloss.float(), v, x, prev, mean_ref, coef, gcoef, ctx.cx, ctx.cv, ctx.need_gx, ctx.gx_dtype)
+        gloss = gloss.float()
+        bwd = _flow_bwd if direct_launch(gloss, v, x, prev, mean_ref, coef, gcoef) else _bwd_op
+        gv, gx = bwd(gloss, v, x, prev, mean_ref, coef, gcoef, ctx.cx, ctx.cv, ctx.need_gx, ctx.gx_dtype)
         return (gv, gx if ctx.need_gx else None) + (None,) * 12
 
 

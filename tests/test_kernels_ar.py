@@ -153,6 +153,22 @@ def test_ar_kernel_traces_under_torch_compile(fused):
     torch.testing.assert_close(w.grad, want[3])
 
 
+def test_eager_calls_launch_directly_and_match_the_custom_op_path(fused, monkeypatch):
+    """Plain eager calls skip the torch.library op (its dispatch costs host time); the op path gives the same bits."""
+    import alphagrpo.kernels.ar_grpo as A
+    case = _case(torch.bfloat16)
+    used = []
+    for name in ("_fwd_op", "_bwd_op"):
+        op = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _op=op, _n=name: used.append(_n) or _op(*a))
+    direct = _run(ar_grpo_loss, *case)
+    assert used == []
+    monkeypatch.setattr(A, "direct_launch", lambda *tensors: False)
+    via_op = _run(ar_grpo_loss, *case)
+    assert used == ["_fwd_op", "_bwd_op"]
+    assert torch.equal(direct[0], via_op[0]) and torch.equal(direct[2], via_op[2]) and torch.equal(direct[3], via_op[3])
+
+
 def test_ar_kernel_rejects_mixed_dtypes(fused):
     hidden, weight, tokens, logp_old, adv, cu, _ = _case(torch.bfloat16)
     with pytest.raises(TypeError, match="weight.to"):

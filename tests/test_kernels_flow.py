@@ -145,6 +145,24 @@ def test_flow_kernel_traces_under_torch_compile(fused):
     torch.testing.assert_close(x1.grad, got[3])
 
 
+def test_eager_calls_launch_directly_and_match_the_custom_op_path(fused, monkeypatch):
+    """Plain eager calls skip the torch.library op (its dispatch costs host time); the op path gives the same bits."""
+    import alphagrpo.kernels.flow_grpo as F
+    args = _case(4, (5, 6), torch.bfloat16, per_sample=True, with_ref=True)
+    used = []
+    for name in ("_fwd_op", "_bwd_op"):
+        op = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _op=op, _n=name: used.append(_n) or _op(*a))
+    direct = _run(flow_grpo_loss, *args)
+    assert used == []
+    monkeypatch.setattr(F, "direct_launch", lambda *tensors: False)
+    via_op = _run(flow_grpo_loss, *args)
+    assert used == ["_fwd_op", "_bwd_op"]
+    for a, b in zip((direct[0], direct[2], direct[3]), (via_op[0], via_op[2], via_op[3])):
+        assert torch.equal(a, b)
+    assert all(torch.equal(direct[1][k], via_op[1][k]) for k in direct[1])
+
+
 # ------------------------------------------------------------------------------------------------------ dispatch
 def test_dispatch_auto_on_cpu_uses_the_reference_unless_interpreting(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
