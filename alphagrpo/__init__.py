@@ -18,7 +18,8 @@ def _kernels_from_source_checkout() -> None:
     if not init.is_file():
         raise ModuleNotFoundError("alphagrpo.kernels is missing: install the project (pip install -e .) from a full "
                                   "checkout, which maps its kernels/ folder to alphagrpo.kernels")
-    spec = importlib.util.spec_from_file_location("alphagrpo.kernels", init, submodule_search_locations=[str(init.parent)])
+    spec = importlib.util.spec_from_file_location("alphagrpo.kernels", init,
+                                                  submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["alphagrpo.kernels"] = module
     spec.loader.exec_module(module)

@@ -69,3 +69,17 @@ def test_rl_step_probe_shares_random_numbers_across_moved_copies(tmp_path, capsy
     assert [r["move"] for r in rows][:2] == ["none", "along gradient (L2 length)"]
     assert rows[1]["size"] == 0.0 and rows[1]["same"] == rows[0]["same"] and rows[1]["held_out"] == rows[0]["held_out"]
     assert res["grad_norm"] > 0 and all(0.0 <= r[k] <= 1.0 for r in rows for k in ("same", "held_out"))
+
+
+def test_reward_alignment_counts_pairs_inside_groups_only():
+    import numpy as np
+
+    from bench.reward_alignment import correct_advantage, pairwise_agreement
+
+    groups = np.array([0, 0, 0, 1, 1, 2, 2])
+    correct = np.array([True, False, False, True, False, True, True])
+    perfect = np.array([0.9, 0.1, 0.2, 0.3, 0.2, 0.0, 0.0])   # group 1's correct one beats only its own wrong one
+    assert pairwise_agreement(perfect, correct, groups) == (1.0, 3)     # group 2 has no wrong image: no pairs
+    inverted = np.array([0.1, 0.9, 0.1, 0.2, 0.3, 5.0, 5.0])
+    assert pairwise_agreement(inverted, correct, groups) == (0.5 / 3, 3)  # one loss, one tie (half), one loss
+    assert correct_advantage(perfect, correct, groups) > 0 > correct_advantage(inverted, correct, groups)

@@ -89,6 +89,27 @@ def test_quality_defects_are_caught_and_clean_renders_pass():
         assert yes and p > 0.95, name
 
 
+def test_per_object_quality_every_object_or_the_average_object():
+    """"every" is the product over objects; "mean" the average object's P(pass): one bad object of five sinks the
+    first and costs the second a fifth; single-region questions and the strict answers are the same either way."""
+    M = ShapesVerifier(quality_per_object="mean")
+    rng = np.random.default_rng(3)
+    for name, (text, _) in QUALITY.items():
+        bad = inject_defect(SCENE, name, 32, rng)
+        (pe, ye), (pm, ym) = V.answer(bad, text), M.answer(bad, text)
+        assert ye == ym is False
+        if name in ("solid_shapes", "clean_edges"):      # the defect hits one of the five objects
+            assert pe < 0.01 and 0.7 < pm < 0.85, name
+        else:
+            assert pm == pe, name
+    one = render(Scene(SCENE.objects[:1]))
+    text = QUALITY["clean_edges"][0]
+    assert M.answer(one, text)[0] == pytest.approx(V.answer(one, text)[0], abs=1e-12)
+    assert M.answer(np.zeros((32, 32, 3), np.uint8), text) == (1.0, True)    # no objects: nothing fails
+    with pytest.raises(ValueError, match="quality_per_object"):
+        ShapesVerifier(quality_per_object="median")
+
+
 def test_judge_and_failed_questions_point_at_what_is_wrong():
     rng = np.random.default_rng(4)
     rec = make_prompt("color+2d", "medium", rng)

@@ -86,3 +86,26 @@ def test_a_checkpoint_for_another_vocabulary_is_refused_with_the_missing_words(t
     world.words = list(world.words) + ["x1y2"]
     with pytest.raises(ValueError, match=r"missing 1 words.*x1y2.*alphagrpo pretrain"):
         load_policy(str(tmp_path / "ok"), world=world)
+
+
+def test_quality_per_object_changes_the_reward_not_the_judge(small_world_synth):
+    """data.quality_per_object="mean": the reward's per-object quality scores average the objects; the strict judge
+    (evaluation's ground truth) is the same."""
+    import numpy as np
+
+    from alphagrpo.train import world as W
+    from alphagrpo.train.config import DataConfig
+    from alphagrpo.worlds.shapes.accuracy import inject_defect
+
+    every = W.load_world(DataConfig(train_per_task=1, test_size=8))
+    mean = W.load_world(DataConfig(train_per_task=1, test_size=8, quality_per_object="mean"))
+    scene = S.Scene((S.ShapeObject("circle", "red", "large", 0, 0), S.ShapeObject("cross", "blue", "small", 2, 1),
+                     S.ShapeObject("square", "yellow", "small", 1, 0)))
+    bad = inject_defect(scene, "solid_shapes", 32, np.random.default_rng(0))
+    q = [[S.QUALITY["solid_shapes"][0], S.QUALITY["plain_background"][0]]]
+    (pe, be), (pm, bm) = every.verifier.score([bad], q)[0], mean.verifier.score([bad], q)[0]
+    assert pe < 0.05 < 0.5 < pm and be == bm
+    rec = every.test[0]
+    assert every.judge(bad, rec) == mean.judge(bad, rec)
+    with pytest.raises(ValueError, match="quality_per_object"):
+        DataConfig(quality_per_object="all")

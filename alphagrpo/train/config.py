@@ -96,10 +96,13 @@ class DataConfig:
     test_size: int = 256           # held-out prompts (the paper: 1,024)
     seed: int = 0
     train_file: Optional[str] = None  # JSONL in the authors' schema instead of synthesizing
+    quality_per_object: str = "every"  # shapes reward: per-object quality questions as "every" object or the "mean"
 
     def __post_init__(self):
         if self.train_split not in ("unseen", "pretrain"):
             raise ValueError(f"data.train_split must be 'unseen' or 'pretrain', got {self.train_split!r}")
+        if self.quality_per_object not in ("every", "mean"):
+            raise ValueError(f"data.quality_per_object must be 'every' or 'mean', got {self.quality_per_object!r}")
         if self.train_per_task < 1 or self.test_size < 0:
             raise ValueError("data.train_per_task must be >= 1 and data.test_size >= 0")
 

@@ -120,7 +120,9 @@ def load_world(cfg: DataConfig) -> World:
     from everything else. Training (``train_per_task`` prompts per task type), by ``train_split``: ``"unseen"``
     (default, for RL) draws prompts after the 500-per-task pretraining split, so RL trains on prompts the shipped
     checkpoint never saw, as it will be judged on; ``"pretrain"`` takes the first ones of the pretraining split
-    (what ``alphagrpo pretrain`` trains on). ``train_file`` (JSONL) replaces the synthesized training prompts."""
+    (what ``alphagrpo pretrain`` trains on). ``train_file`` (JSONL) replaces the synthesized training prompts.
+    ``quality_per_object="mean"`` scores per-object quality questions by the average object in the reward (the strict
+    judge is unchanged)."""
     if cfg.world != "shapes":
         raise ValueError(f"unknown world {cfg.world!r}; the built-in world is 'shapes'")
     from alphagrpo.worlds import shapes as S
@@ -139,8 +141,9 @@ def load_world(cfg: DataConfig) -> World:
     full_test = [full_test[i] for i in order]
     if cfg.train_file:
         train = S.read_jsonl(cfg.train_file)
-    verifier = S.ShapesVerifier()
-    reward_verifier = HolisticShapesVerifier(verifier, full_train + full_test + extra + train)
+    verifier = S.ShapesVerifier()   # the strict judge; its soft answers are the reward's unless quality_per_object
+    scorer = verifier if cfg.quality_per_object == "every" else S.ShapesVerifier(cfg.quality_per_object)
+    reward_verifier = HolisticShapesVerifier(scorer, full_train + full_test + extra + train)
 
     def judge(image, record) -> bool:
         return bool(verifier.judge(image, [q["question"] for q in record["semantic_questions"]]))

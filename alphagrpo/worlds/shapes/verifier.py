@@ -86,12 +86,20 @@ def _quality_margins(an: Analysis, name: str) -> list[float]:
     raise ValueError(f"unknown quality check {name!r}")
 
 
-def soft_answer(an: Analysis, check: Mapping[str, Any]) -> float:
-    """``P(yes)`` of ``check`` given the detector's reading ``an``."""
+QUALITY_PER_OBJECT = ("every", "mean")
+
+
+def soft_answer(an: Analysis, check: Mapping[str, Any], quality_per_object: str = "every") -> float:
+    """``P(yes)`` of ``check`` given the detector's reading ``an``. ``quality_per_object``: how a per-object quality
+    question ("is every shape ...") combines its objects: ``"every"`` (the product: every object must pass) or
+    ``"mean"`` (the average object's P(pass), which does not fall as the objects grow in number)."""
     units, kind = an.units, check["kind"]
     c = cell_size(an.resolution)
     if kind == "quality":
-        return float(np.prod([_sigmoid(m) for m in _quality_margins(an, check["name"])]))
+        ps = [_sigmoid(m) for m in _quality_margins(an, check["name"])]
+        if quality_per_object == "mean":
+            return float(np.mean(ps)) if ps else 1.0
+        return float(np.prod(ps))
     if kind == "count":
         dist = _poisson_binomial([_p_match(u, check["of"]) for u in units])
         n = check["n"]
@@ -159,7 +167,16 @@ def _question_text(q) -> str:
 
 
 class ShapesVerifier:
-    """Programmatic verifier of the shapes world (implements ``verifier_engine.protocol.Verifier``)."""
+    """Programmatic verifier of the shapes world (implements ``verifier_engine.protocol.Verifier``).
+
+    ``quality_per_object`` (soft answers only; the strict answer always requires every object): ``"every"``
+    (default) or ``"mean"``, see :func:`soft_answer`.
+    """
+
+    def __init__(self, quality_per_object: str = "every"):
+        if quality_per_object not in QUALITY_PER_OBJECT:
+            raise ValueError(f"quality_per_object must be one of {QUALITY_PER_OBJECT}, got {quality_per_object!r}")
+        self.quality_per_object = quality_per_object
 
     def analyze(self, image) -> Analysis:
         """The detector's full reading of ``image`` (objects, blobs, statistics)."""
@@ -174,7 +191,7 @@ class ShapesVerifier:
         """``[(p_yes, strict_yes)]`` for each question (strings, or dicts with a ``question``)."""
         checks = [parse_question(_question_text(q)) for q in questions]
         an = self.analyze(image)
-        return [(soft_answer(an, c), hard_answer(an, c)) for c in checks]
+        return [(soft_answer(an, c, self.quality_per_object), hard_answer(an, c)) for c in checks]
 
     def answer(self, image, question) -> tuple[float, bool]:
         """``(p_yes, strict_yes)`` for one question."""
