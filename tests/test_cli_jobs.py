@@ -15,11 +15,14 @@ def _last_json(capsys):
 
 def test_demo_runs_end_to_end_and_ends_with_the_before_after_json(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "1", "--eval-n", "3", *TINY]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "1", "--eval-n", "3", "--rl-eval", "2", *TINY]) == 0
     res = _last_json(capsys)
-    for k in ("before", "after"):
-        assert 0.0 <= res[k]["accuracy"] <= 1.0 and 0.0 <= res[k]["reward"] <= 1.0
+    for part in (res, res["rl_prompts"]):           # held-out, and the prompts GRPO trained on
+        for k in ("before", "after"):
+            assert 0.0 <= part[k]["accuracy"] <= 1.0 and 0.0 <= part[k]["reward"] <= 1.0
     assert res["steps"] == 1 and res["eval_n"] == 3
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rl_prompts"]["prompts"] == 38 and saved["rl_prompts"]["samples_each"] == 2   # 2 per task type
     for f in ("before.png", "after.png", "reward_curve.png", "metrics.json"):
         assert (out / f).is_file(), f
     assert (out / "run" / "metrics.jsonl").read_text().count("\n") == 1
@@ -53,6 +56,8 @@ def test_eval_writes_accuracy_grid_and_the_x0_diagnostic(tmp_path, capsys):
 def test_bad_input_gets_one_line_error_and_status_2(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--set", "optim.lr=-1"]) == 2
     assert "optim.lr must be positive" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--rl-eval", "-1"]) == 2
+    assert "--rl-eval must be >= 0" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--n", "2", "--set", "data.train_per_task=2"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
 

@@ -80,7 +80,8 @@ def eval_context(recipe: str, overrides, n: int, checkpoint: Optional[str] = Non
     return cfg, world, policy, reward, world.test[:n]
 
 
-def _atomic_dir(final: Path, write) -> None:
+def atomic_dir(final: Path, write) -> None:
+    """Create folder ``final`` atomically: ``write(tmp)`` fills a temporary sibling, renamed into place at the end."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
@@ -106,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, trainer, data_state: dict,
                     "optimizer": trainer.optimizer.state_dict(), "generator": trainer.gen.get_state(),
                     "data": data_state}, tmp / "trainer.pt")
 
-    _atomic_dir(final, write)
+    atomic_dir(final, write)
     fd, tmpname = tempfile.mkstemp(dir=ck, prefix=".latest.")
     with os.fdopen(fd, "w") as f:
         f.write(final.name)
@@ -184,7 +185,8 @@ def format_step(step: int, m: dict) -> str:
             f"| ratio txt {g('ratio_text', '{:.4f}')} img|r-1|max {g('ratio_image_max', '{:.1e}')} "
             f"| gnorm {g('grad_norm')} | t roll {g('time_rollout', '{:.1f}')}s wait {g('time_reward_wait', '{:.1f}')}s "
             f"train {g('time_train', '{:.1f}')}s | {g('samples_per_s', '{:.1f}')} samp/s | mem {mem:.2f}GiB"
-            + (" | SKIP" if m.get("skipped") else ""))
+            + (f" | kl txt {g('kl_text', '{:.1e}')} img {g('kl_image', '{:.1e}')}" if "kl_text" in m or "kl_image" in m
+               else "") + (" | SKIP" if m.get("skipped") else ""))
 
 
 def _rss_gib() -> float:

@@ -42,8 +42,8 @@ class LossConfig:
     text_level: str = "sequence"   # "sequence" (GSPO, the code's default) or "token"
     text_weight: float = 1.0       # lambda: 1.0 is the code's RT2I setting, 0.2 the SRR one
     image_weight: float = 1.0      # weight of the image (flow) loss; 0 trains the think text alone (ablation)
-    beta_image: float = 0.0
-    beta_text: float = 0.0
+    beta_image: float = 0.0        # KL to the run's starting policy on the image path (RECIPE: optional, off)
+    beta_text: float = 0.0         # k3 KL to the starting policy's think-token log-probs (optional, off)
     adv_std: str = "global"        # "global" (default) or "group"
     adv_eps: float = 1e-4
 
@@ -56,6 +56,9 @@ class LossConfig:
             raise ValueError("loss.text_weight (lambda) and loss.image_weight must be >= 0")
         if self.text_weight == 0 and self.image_weight == 0:
             raise ValueError("loss.text_weight and loss.image_weight are both 0: nothing would be trained")
+        if self.beta_text < 0 or self.beta_image < 0:
+            raise ValueError(f"loss.beta_text and loss.beta_image (KL weights) must be >= 0, got {self.beta_text} and "
+                             f"{self.beta_image}")
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""``alphagrpo demo``: the embedded default. From the shipped TinyUMM checkpoint: evaluate on held-out prompts, run
-a short RT2I GRPO training on CPU, evaluate again, and write a report folder (reward curve PNG, before/after grids,
-metrics JSON, a printed table). The last line printed is one JSON object with ``before`` and ``after``.
+"""``alphagrpo demo``: the embedded default. From the shipped TinyUMM checkpoint: evaluate on held-out prompts and
+on the RL prompts, run a short RT2I GRPO training on CPU, evaluate both again, and write a report folder (reward
+curve PNG, before/after grids, metrics JSON, a printed table). The last line printed is one JSON object with
+``before`` and ``after`` (held-out) and ``rl_prompts`` (the same on the prompts GRPO trained on, when that set is
+small enough to be revisited; else null).
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
+
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=None, help="held-out prompts (default: the recipe's eval_size)")
     p.add_argument("--checkpoint", default=None, help="start from this TinyUMM checkpoint (default: shipped)")
+    p.add_argument("--rl-eval", type=int, default=4, metavar="K",
+                   help="when the RL prompt set is small (<= 64 prompts, e.g. --set data.train_per_task=1, so a run "
+                        "revisits each), also evaluate K samples of each before and after (0: never)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
 
@@ -51,6 +57,8 @@ def run(args) -> int:
     from alphagrpo.train.run import train
     from alphagrpo.train.world import load_world
     setup_logging()
+    if args.rl_eval < 0:
+        raise ValueError(f"--rl-eval must be >= 0 (samples per RL prompt; 0 skips), got {args.rl_eval}")
     t0 = time.time()
     overrides = list(args.set) + [f"seed={args.seed}"]
     if args.steps is not None:
@@ -71,13 +79,21 @@ def run(args) -> int:
     before = evaluate(policy, world, test, **ev)
     grid_from_eval(out / "before.png", before, test, world)
     log.info("before: accuracy %.3f reward %.3f (%.0fs)", before["accuracy"], before["reward"], time.time() - t0)
+    # the prompts GRPO trains on, K samples each: what the run optimizes, next to what it should transfer to
+    seen = [r for r in world.train for _ in range(args.rl_eval)] if len(world.train) <= 64 else []
+    rl_ev = dict(ev, seed=20_000 + args.seed)
+    rl_before = evaluate(policy, world, seen, **rl_ev) if seen else None
     history, policy = train(cfg, world, out / "run", policy=policy)
     after = evaluate(policy, world, test, **ev)
+    rl_after = evaluate(policy, world, seen, **rl_ev) if seen else None
     grid_from_eval(out / "after.png", after, test, world)
     if history:
         reward_curve(out / "reward_curve.png", history, f"{cfg.recipe}: rollout reward per step")
     report = {"recipe": cfg.recipe, "seed": args.seed, "steps": len(history), "eval_n": len(test),
               "before": summary(before), "after": summary(after), "minutes": (time.time() - t0) / 60,
+              "rl_prompts": None if rl_before is None else {
+                  "prompts": len(seen) // args.rl_eval, "samples_each": args.rl_eval,
+                  "before": summary(rl_before), "after": summary(rl_after)},
               "history": history}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     rows = [(task, f"{before['per_task'][task]:.3f}", f"{after['per_task'].get(task, 0):.3f}")
@@ -86,11 +102,20 @@ def run(args) -> int:
     rows.append(("mean DVReward", f"{before['reward']:.3f}", f"{after['reward']:.3f}"))
     rows.append(("  semantic part", f"{before['semantic']:.3f}", f"{after['semantic']:.3f}"))
     rows.append(("  quality part", f"{before['quality']:.3f}", f"{after['quality']:.3f}"))
-    print_table(f"held-out evaluation ({len(test)} prompts), before vs after {len(history)} GRPO steps",
+    if rl_before is not None:
+        n_rl = len(seen) // args.rl_eval
+        rows.append((f"RL prompts ({n_rl} x {args.rl_eval}) accuracy", f"{rl_before['accuracy']:.3f}",
+                     f"{rl_after['accuracy']:.3f}"))
+        rows.append(("RL prompts DVReward", f"{rl_before['reward']:.3f}", f"{rl_after['reward']:.3f}"))
+    print_table(f"evaluation ({len(test)} held-out prompts; RL prompts last), before vs after {len(history)} GRPO "
+                "steps",
                 rows, ("task", "before", "after"))
     print(f"report: {out}/ (reward_curve.png, before.png, after.png, metrics.json); "
           f"{(time.time() - t0) / 60:.1f} min")
     print(json.dumps({"before": {"accuracy": before["accuracy"], "reward": before["reward"]},
                       "after": {"accuracy": after["accuracy"], "reward": after["reward"]},
-                      "steps": len(history), "eval_n": len(test), "seed": args.seed}))
+                      "steps": len(history), "eval_n": len(test), "seed": args.seed,
+                      "rl_prompts": None if rl_before is None else {
+                          "before": {"accuracy": rl_before["accuracy"], "reward": rl_before["reward"]},
+                          "after": {"accuracy": rl_after["accuracy"], "reward": rl_after["reward"]}}}))
     return 0

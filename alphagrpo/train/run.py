@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from alphagrpo.rewards import DVReward
-from alphagrpo.train.common import (MetricsLogger, format_step, load_checkpoint, load_policy, save_checkpoint,
-                                    setup_logging)
+from alphagrpo.train.common import (MetricsLogger, atomic_dir, format_step, load_checkpoint, load_policy,
+                                    save_checkpoint, setup_logging)
 from alphagrpo.train.config import TrainConfig, apply_overrides, get_recipe
 from alphagrpo.train.trainer import GRPOTrainer, dist_info
 
@@ -67,7 +67,17 @@ def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool =
         policy = load_policy(cfg.init, cfg.device, world)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary, holistic=cfg.reward.holistic)
-    trainer = GRPOTrainer(policy, reward, cfg, generator=gen)
+    anchored = cfg.loss.beta_text > 0 or cfg.loss.beta_image > 0
+    ref = None
+    if anchored and state is not None:      # the KL anchor is where the run started, saved when it started
+        ref_dir = run_dir / "reference"
+        if not ref_dir.is_dir():
+            raise FileNotFoundError(f"{ref_dir} is missing: a run with loss.beta_text/beta_image > 0 saves its KL "
+                                    "reference there when it starts; resume a run that has one, or start afresh")
+        ref = load_policy(str(ref_dir), cfg.device, world)
+    trainer = GRPOTrainer(policy, reward, cfg, generator=gen, ref_policy=ref)
+    if anchored and state is None and rank == 0:
+        atomic_dir(run_dir / "reference", lambda tmp: trainer.ref_policy.save_pretrained(tmp))
     stream = PromptStream(world.train, cfg.seed, rank, nworld)
     start = 0
     if state is not None:

@@ -5,13 +5,16 @@ losses of ``alphagrpo.kernels`` (the fused kernels when they apply, through the 
 One step (RT2I): P prompts x G samples; think text sampled with old log-probs; the image path sampled with one SDE
 window per step and rank; rollout runs in chunks whose rewards are computed in a worker thread while the next
 chunk rolls out; global-std advantages; skip when all are zero; replay with grad (text via the AR loss, each window
-step via the flow loss), loss = mean_j L_img,j + lambda * L_text; grad clip; AdamW.
+step via the flow loss), loss = mean_j L_img,j + lambda * L_text; grad clip; AdamW. With ``loss.beta_text`` /
+``loss.beta_image`` > 0 a frozen reference policy (the run's starting weights) anchors both paths: the text loss
+gets the k3 KL to the reference's token log-probs, the flow loss the Gaussian KL to the reference's SDE mean.
 SRR (RECIPE section 7): stage 1 draws M ODE samples per prompt without think and keeps the worst; stage 2 draws G
 refinements with think and a 40-step sampler whose 5-step window starts in [0, 10]; FPR before advantages; skip
 when nothing improved. Distributed-ready: per-rank generators, rewards gathered for the std, prompts sharded.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from alphagrpo import kernels
+from alphagrpo.kernels.sde import sde_mean_std
 from alphagrpo.advantages import group_advantages, rectify_false_positives
 from alphagrpo.models.policy import GenRequest, Policy
 from alphagrpo.rewards import DVReward
@@ -87,8 +91,16 @@ class StepStats:
 class GRPOTrainer:
     """Runs GRPO steps for a ``Policy`` with a ``DVReward``. ``data`` yields prompt records (dicts)."""
 
-    def __init__(self, policy: Policy, reward: DVReward, cfg: TrainConfig, *, generator: torch.Generator):
+    def __init__(self, policy: Policy, reward: DVReward, cfg: TrainConfig, *, generator: torch.Generator,
+                 ref_policy: Optional[Policy] = None):
+        """``ref_policy``: the KL anchor when ``loss.beta_text`` or ``loss.beta_image`` > 0 (default: a frozen copy of
+        ``policy`` as it is now; a resumed run passes its starting checkpoint). Unused when both betas are 0."""
         self.policy, self.reward, self.cfg, self.gen = policy, reward, cfg, generator
+        self.ref_policy = None
+        if cfg.loss.beta_text > 0 or cfg.loss.beta_image > 0:
+            self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
+            for p in self.ref_policy.trainable_parameters():
+                p.requires_grad_(False)
         params = list(policy.trainable_parameters())
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
@@ -177,25 +189,46 @@ class GRPOTrainer:
         if ro.think is not None and lc.text_weight > 0:
             rep = self.policy.think_replay(ro.requests, ro.think)
             logp_old = torch.cat(ro.think_logp).to(self.device)
+            logp_ref = None
+            if lc.beta_text > 0:
+                with torch.no_grad():
+                    ref = self.ref_policy.think_replay(ro.requests, ro.think)
+                    zeros = torch.zeros(len(ref.cu_seqlens) - 1, device=self.device)
+                    logp_ref = kernels.ar_grpo_loss(ref.hidden, ref.weight, ref.targets, logp_old, zeros,
+                                                    ref.cu_seqlens)[1]["logp"]
             loss_t, m = kernels.ar_grpo_loss(rep.hidden, rep.weight, rep.targets, logp_old, adv,
                                              rep.cu_seqlens, level=lc.text_level, clip_low=lc.clip_low,
-                                             clip_high=lc.clip_high, beta=lc.beta_text)
+                                             clip_high=lc.clip_high, beta=lc.beta_text, logp_ref=logp_ref)
             (lc.text_weight * loss_t * weight).backward()
             stats.add("loss_text", loss_t.item(), n)
             stats.add("clip_text", m["clip_frac"].item(), n)
             stats.add("ratio_text", m["ratio_mean"].item(), n)
+            if lc.beta_text > 0:
+                stats.add("kl_text", m["kl"].item(), n)
         if lc.image_weight == 0:
             return
         cond = self.policy.image_condition(ro.requests, ro.think, c.cfg)
+        cond_ref = None
+        if lc.beta_image > 0:
+            with torch.no_grad():
+                cond_ref = self.ref_policy.image_condition(ro.requests, ro.think, c.cfg)
         K = len(ro.steps)
         for st in ro.steps:
             v = self.policy.velocity(st.x, st.sigma, cond)
+            mean_ref = None
+            if cond_ref is not None:
+                with torch.no_grad():
+                    v_ref = self.ref_policy.velocity(st.x, st.sigma, cond_ref)
+                    mean_ref = sde_mean_std(st.x, v_ref, st.sigma, st.sigma_next, c.sampler.noise_level)[0]
             loss_i, m = kernels.flow_grpo_loss(v, st.x, st.prev, st.sigma, st.sigma_next, c.sampler.noise_level,
-                                               st.logp, adv, clip=lc.clip_image, adv_clip=lc.adv_clip)
+                                               st.logp, adv, clip=lc.clip_image, adv_clip=lc.adv_clip,
+                                               mean_ref=mean_ref, beta=lc.beta_image)
             (lc.image_weight * loss_i * weight / K).backward()
             stats.add("loss_image", loss_i.item(), n / K)
             stats.add("clip_image", m["clip_frac"].item(), n / K)
             stats.add("ratio_image_max", (m["ratio_max"] - 1).abs().item(), n / K)
+            if mean_ref is not None:
+                stats.add("kl_image", m["kl"].item(), n / K)
 
     def backward(self, chunks, adv: torch.Tensor, stats: Optional[StepStats] = None) -> StepStats:
         """Replay every chunk with grad and accumulate the step's loss gradient into ``.grad`` (no optimizer step);
