@@ -24,8 +24,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from alphagrpo import kernels
-from alphagrpo.kernels.sde import sde_mean_std
 from alphagrpo.advantages import group_advantages, rectify_false_positives
+from alphagrpo.kernels.sde import sde_mean_std
 from alphagrpo.models.policy import GenRequest, Policy
 from alphagrpo.rewards import DVReward
 from alphagrpo.sampler import sample_flow, sample_sde_window
