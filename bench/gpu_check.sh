@@ -58,6 +58,7 @@ RC_TESTS=$?
 tail -n 15 "$OUT_DIR/pytest_cuda.txt"
 
 RC_VERIFIER="not run (bench/verifier.py absent)"
+[ "${SKIP_VERIFIER:-0}" = 1 ] && RC_VERIFIER="not run (SKIP_VERIFIER=1)"
 if [ -f "$ROOT/bench/verifier.py" ] && [ "${SKIP_VERIFIER:-0}" != 1 ]; then
   log "2/3 verifier benchmark (timeout 100 s)"
   EXTRA=()
