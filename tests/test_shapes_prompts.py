@@ -212,3 +212,21 @@ def test_question_grammar_round_trips_and_means_what_it_says(text, truth):
 def test_unparseable_questions_raise_a_clear_error(bad):
     with pytest.raises(QuestionParseError, match="question"):
         parse_question(bad)
+
+
+def test_synthesized_prompts_do_not_depend_on_the_process_hash_seed():
+    """Held-out prompts must be the same in every process: no set iteration order (PYTHONHASHSEED) may leak in."""
+    import os
+    import subprocess
+    import sys
+    code = ("import json\n"
+            "from alphagrpo.worlds.shapes.synth import synthesize_splits\n"
+            "print(json.dumps(synthesize_splits(n_per_task=4, n_test=40, n_extra_per_task=2, seed=0), "
+            "sort_keys=True, default=str))\n")
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        outs.append(run.stdout)
+    assert outs[0] == outs[1]

@@ -80,7 +80,7 @@ def shape_color_task(rng, d):
     k = between(rng, *OBJECTS[d])
     while len(seen) < k:
         seen.add((pick(rng, SHAPES), pick(rng, COLORS)))
-    for sh, c in sorted(seen, key=lambda _: rng.random()):
+    for sh, c in sorted(sorted(seen), key=lambda _: rng.random()):   # sorted first: set order varies by process
         f = _sized(rng, {"shape": sh, "color": c}, 0.5)
         b.group(f)
         parts.append(a(f))
