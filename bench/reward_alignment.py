@@ -11,7 +11,7 @@ signal about correctness) and the mean group-normalized advantage of the correct
 and quality halves of correct and wrong images, to show which half pays for being wrong.
 
 Rewards: ``dvreward`` (the recipe's sqrt(S * Q)), ``arithmetic``, ``semantic`` (S alone), ``quality`` (Q alone),
-and, where the world's verifier offers it, the same three with the quality half scored by per-object quality
+and the same three with the quality half scored by per-object quality
 questions averaged over objects instead of required of every object (``*_objmean``).
 """
 from __future__ import annotations
@@ -88,16 +88,15 @@ def main(argv=None) -> int:
     for img, r in zip(images, rows):
         sq = [q["question"] if isinstance(q, dict) else q for q in r["semantic_questions"]]
         qq = [q["question"] if isinstance(q, dict) else q for q in r["quality_questions"]]
-        sem.append(float(np.mean(v.score([img], [sq])[0])))
-        qua.append(float(np.mean(v.score([img], [qq])[0])))
-        if v_mean is not None:
-            qua_mean.append(float(np.mean(v_mean.score([img], [qq])[0])))
+        scores = v.score([img], [sq + qq])[0]          # one detector pass per image for both halves
+        sem.append(float(np.mean(scores[:len(sq)])))
+        qua.append(float(np.mean(scores[len(sq):])))
+        qua_mean.append(float(np.mean(v_mean.score([img], [qq])[0])))
     sem, qua = np.array(sem), np.array(qua)
     rewards = {"dvreward": np.sqrt(sem * qua), "arithmetic": 0.5 * (sem + qua), "semantic": sem, "quality": qua}
-    if qua_mean:
-        qm = np.array(qua_mean)
-        rewards.update({"dvreward_objmean": np.sqrt(sem * qm), "arithmetic_objmean": 0.5 * (sem + qm),
-                        "quality_objmean": qm})
+    qm = np.array(qua_mean)
+    rewards.update({"dvreward_objmean": np.sqrt(sem * qm), "arithmetic_objmean": 0.5 * (sem + qm),
+                    "quality_objmean": qm})
     n_mixed = sum(1 for gi in range(len(records)) if 0 < correct[groups == gi].sum() < args.group)
     report = {"bench": "reward_alignment", "checkpoint": args.checkpoint or "shipped", "split": args.split,
               "prompts": len(records), "group": args.group, "seed": args.seed, "accuracy": float(correct.mean()),

@@ -11,7 +11,6 @@ import logging
 import time
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 
@@ -81,6 +80,7 @@ def run(args) -> int:
     log.info("before: accuracy %.3f reward %.3f (%.0fs)", before["accuracy"], before["reward"], time.time() - t0)
     # the prompts GRPO trains on, K samples each: what the run optimizes, next to what it should transfer to
     seen = [r for r in world.train for _ in range(args.rl_eval)] if len(world.train) <= 64 else []
+    n_rl = len(world.train) if seen else 0
     rl_ev = dict(ev, seed=20_000 + args.seed)
     rl_before = evaluate(policy, world, seen, **rl_ev) if seen else None
     history, policy = train(cfg, world, out / "run", policy=policy)
@@ -92,7 +92,7 @@ def run(args) -> int:
     report = {"recipe": cfg.recipe, "seed": args.seed, "steps": len(history), "eval_n": len(test),
               "before": summary(before), "after": summary(after), "minutes": (time.time() - t0) / 60,
               "rl_prompts": None if rl_before is None else {
-                  "prompts": len(seen) // args.rl_eval, "samples_each": args.rl_eval,
+                  "prompts": n_rl, "samples_each": args.rl_eval,
                   "before": summary(rl_before), "after": summary(rl_after)},
               "history": history}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
@@ -103,7 +103,6 @@ def run(args) -> int:
     rows.append(("  semantic part", f"{before['semantic']:.3f}", f"{after['semantic']:.3f}"))
     rows.append(("  quality part", f"{before['quality']:.3f}", f"{after['quality']:.3f}"))
     if rl_before is not None:
-        n_rl = len(seen) // args.rl_eval
         rows.append((f"RL prompts ({n_rl} x {args.rl_eval}) accuracy", f"{rl_before['accuracy']:.3f}",
                      f"{rl_after['accuracy']:.3f}"))
         rows.append(("RL prompts DVReward", f"{rl_before['reward']:.3f}", f"{rl_after['reward']:.3f}"))
