@@ -2,6 +2,8 @@
 main job) and ``alphagrpo refine --compare``; bad input ends with a one-line error and status 2."""
 import json
 
+import pytest
+
 from alphagrpo.cli import main
 
 TINY = ["--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "micro_batch=4", "--set",
@@ -42,9 +44,10 @@ def test_refine_compare_reports_both_modes_per_round(tmp_path, capsys):
 
 
 def test_eval_writes_accuracy_grid_and_the_x0_diagnostic(tmp_path, capsys):
-    assert main(["eval", "--n", "2", "--x0", "2", "--out", str(tmp_path), *TINY]) == 0
+    assert main(["eval", "--n", "2", "--x0", "2", "--oracle-plans", "--out", str(tmp_path), *TINY]) == 0
     res = _last_json(capsys)
     assert res["n"] == 2 and 0.0 <= res["accuracy"] <= 1.0
+    assert 0.0 <= res["plan_accuracy"] <= 1.0 and 0.0 <= res["oracle_plan_accuracy"] <= 1.0
     for f in ("eval.json", "grid.png", "x0.png"):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -88,3 +91,42 @@ def test_reward_alignment_counts_pairs_inside_groups_only():
     inverted = np.array([0.1, 0.9, 0.1, 0.2, 0.3, 5.0, 5.0])
     assert pairwise_agreement(inverted, correct, groups) == (0.5 / 3, 3)  # one loss, one tie (half), one loss
     assert correct_advantage(perfect, correct, groups) > 0 > correct_advantage(inverted, correct, groups)
+
+
+def test_plan_split_separates_reasoning_from_drawing():
+    from types import SimpleNamespace
+
+    from alphagrpo.train.evaluate import plan_split
+    world = SimpleNamespace(plan_ok=lambda text, rec: text == "right")
+    recs = [{"task": "a"}, {"task": "a"}, {"task": "b"}, {"task": "b"}, {"task": "b"}]
+    texts = ["right", "wrong", "right", "right", "wrong"]
+    correct = [True, False, False, True, True]
+    out = plan_split(world, texts, recs, correct)
+    assert out["plan_accuracy"] == 3 / 5
+    assert out["accuracy_given_plan"] == {"right": 2 / 3, "wrong": 1 / 2}
+    assert out["per_task_plan"] == {"a": 1 / 2, "b": 2 / 3}
+    assert plan_split(world, ["right"], recs[:1], [True])["accuracy_given_plan"]["wrong"] is None
+
+
+def test_drawing_from_given_think_texts_uses_them_and_needs_encode_think():
+    import numpy as np
+    import torch
+
+    from alphagrpo.models.policy import CFGConfig, GenRequest
+    from alphagrpo.train.common import load_policy
+    from alphagrpo.train.evaluate import generate
+    pol = load_policy()
+    reqs = [GenRequest("a red circle"), GenRequest("a blue square")]
+    plans = ["large red circle at x1y1", "small blue square at x0y2"]
+    kw = dict(num_steps=2, shift=3.0, cfg=CFGConfig(), think_texts=plans)
+    imgs, texts = generate(pol, reqs, generator=torch.Generator().manual_seed(0), **kw)
+    assert texts == plans and imgs.shape[0] == 2
+    again, _ = generate(pol, reqs, generator=torch.Generator().manual_seed(0), **dict(kw, think_texts=plans[::-1]))
+    assert not np.array_equal(imgs, again)      # the image follows the given text
+    with pytest.raises(ValueError, match="2 think texts for 1 requests"):
+        generate(pol, reqs[:1], generator=torch.Generator(), **kw)
+
+    class NoEncode:
+        pass
+    with pytest.raises(ValueError, match="encode_think"):
+        generate(NoEncode(), reqs, generator=torch.Generator(), **kw)

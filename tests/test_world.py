@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from alphagrpo.train.world import HolisticShapesVerifier, shapes_edit_example
+from alphagrpo.train.world import HolisticShapesVerifier, shapes_edit_example, shapes_plan_ok
 from alphagrpo.worlds import shapes as S
 
 
@@ -109,3 +109,15 @@ def test_quality_per_object_changes_the_reward_not_the_judge(small_world_synth):
     assert every.judge(bad, rec) == mean.judge(bad, rec)
     with pytest.raises(ValueError, match="quality_per_object"):
         DataConfig(quality_per_object="all")
+
+
+def test_plan_ok_reads_the_stated_layout_of_a_think_text():
+    rng = np.random.default_rng(3)
+    rec = S.make_prompt("2d_spatial_relation", "medium", rng)
+    plan = S.plan_text(S.sample_scene(rec, rng))
+    assert shapes_plan_ok(plan, rec)
+    assert shapes_plan_ok(f"wrong : {rec['semantic_questions'][0]['question']} ; plan : {plan}", rec)  # refinement
+    dropped = "; ".join(plan.split("; ")[1:]) or "empty"      # one required object left out
+    assert not shapes_plan_ok(dropped, rec)
+    assert not shapes_plan_ok("large red circle at", rec)      # unreadable: not ok, no exception
+    assert not shapes_plan_ok("", rec)

@@ -210,6 +210,11 @@ class TinyUMMPolicy:
         lp = [lps[i, : lengths[i]].cpu() for i in range(B)]
         return ThinkSample(tokens=toks, logp=lp, texts=[tok.decode(t.tolist()) for t in toks])
 
+    def encode_think(self, texts: Sequence[str]) -> list:
+        """Think texts -> token tensors as ``sample_think`` returns them (ending with ``<eot>``), e.g. to draw from a
+        given plan. Raises ``ValueError`` naming a word the tokenizer does not know."""
+        return [torch.tensor(self.tok.encode(t) + [self.tok.eot_id]) for t in texts]
+
     def think_replay(self, requests, think) -> TextReplay:
         """Hidden states ``[N, D]`` predicting the think tokens (grad on), packed, with the LM-head weight."""
         b = self._batch(requests, think, ["full"] * len(requests))

@@ -102,6 +102,11 @@ def run(args) -> int:
     rows.append(("mean DVReward", f"{before['reward']:.3f}", f"{after['reward']:.3f}"))
     rows.append(("  semantic part", f"{before['semantic']:.3f}", f"{after['semantic']:.3f}"))
     rows.append(("  quality part", f"{before['quality']:.3f}", f"{after['quality']:.3f}"))
+    if "plan_accuracy" in before and "plan_accuracy" in after:   # reasoning vs drawing (worlds that read plans)
+        rows.append(("think text's plan right", f"{before['plan_accuracy']:.3f}", f"{after['plan_accuracy']:.3f}"))
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        rows.append(("  accuracy given a right plan", fmt(before["accuracy_given_plan"]["right"]),
+                     fmt(after["accuracy_given_plan"]["right"])))
     if rl_before is not None:
         rows.append((f"RL prompts ({n_rl} x {args.rl_eval}) accuracy", f"{rl_before['accuracy']:.3f}",
                      f"{rl_after['accuracy']:.3f}"))

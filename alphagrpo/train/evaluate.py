@@ -1,6 +1,11 @@
 """``alphagrpo eval``: held-out prompts -> images (ODE sampler, think text) -> ground-truth accuracy per task type
 (the world's strict judge, as GenEval uses a detector) and mean DVReward; JSON, and a PNG grid of samples with their
 failed questions marked.
+
+When the world can read a plan out of a think text (``World.plan_ok``; the shapes world can), the accuracy is split
+into its two causes: ``plan_accuracy`` (the think text states a layout that satisfies the prompt) and the accuracy of
+the drawings given a right or a wrong plan. ``--oracle-plans`` also draws every prompt from a right plan of the
+world's own (the drawing's ceiling, with no reasoning errors).
 """
 from __future__ import annotations
 
@@ -22,8 +27,16 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def generate(policy, requests: Sequence[GenRequest], *, num_steps: int, shift: float, cfg: CFGConfig,
              generator: torch.Generator, think: bool = True, max_think_tokens: int = 48, batch: int = 64,
-             temperature: float = 1.0, progress: bool = False):
-    """Images (uint8 ``[n, H, W, 3]``) and think texts for ``requests`` with the deterministic ODE sampler."""
+             temperature: float = 1.0, progress: bool = False, think_texts: Optional[Sequence[str]] = None):
+    """Images (uint8 ``[n, H, W, 3]``) and think texts for ``requests`` with the deterministic ODE sampler.
+    ``think_texts`` replaces sampling: every image is drawn from the given text (needs a policy with
+    ``encode_think``)."""
+    if think_texts is not None:
+        if not hasattr(policy, "encode_think"):
+            raise ValueError(f"drawing from given think texts needs a policy with encode_think(texts); "
+                             f"{type(policy).__name__} has none")
+        if len(think_texts) != len(requests):
+            raise ValueError(f"{len(think_texts)} think texts for {len(requests)} requests")
     images, texts = [], []
     it = range(0, len(requests), batch)
     if progress:
@@ -31,13 +44,20 @@ def generate(policy, requests: Sequence[GenRequest], *, num_steps: int, shift: f
         it = require("tqdm", "train").tqdm(it, desc="generate", unit="batch", leave=False)
     for a in it:
         part = list(requests[a:a + batch])
-        th = policy.sample_think(part, generator=generator, max_new_tokens=max_think_tokens,
-                                 temperature=temperature) if think else None
-        cond = policy.image_condition(part, None if th is None else th.tokens, cfg)
+        if think_texts is not None:
+            given = list(think_texts[a:a + batch])
+            tokens = policy.encode_think(given)
+        elif think:
+            th = policy.sample_think(part, generator=generator, max_new_tokens=max_think_tokens,
+                                     temperature=temperature)
+            tokens, given = th.tokens, th.texts
+        else:
+            tokens, given = None, [""] * len(part)
+        cond = policy.image_condition(part, tokens, cfg)
         x, _ = sample_flow(policy, cond, len(part), num_steps=num_steps, shift=shift, noise_level=0.0,
                            generator=generator, device=getattr(policy, "device", None))
         images.append(policy.decode(x))
-        texts += th.texts if th is not None else [""] * len(part)
+        texts += given
     return np.concatenate(images) if images else np.zeros((0,)), texts
 
 
@@ -49,31 +69,53 @@ def _mean_of_means(rows) -> float:
 
 def evaluate(policy, world, records: Sequence[dict], *, num_steps: int, shift: float, cfg: CFGConfig,
              reward, seed: int = 0, batch: int = 64, max_think_tokens: int = 48, progress: bool = False,
-             think_temperature: float = 1.0) -> dict:
+             think_temperature: float = 1.0, think_texts: Optional[Sequence[str]] = None) -> dict:
     """Accuracy (fraction of prompts whose image satisfies every semantic question, per the world's strict judge),
     per task and overall; mean reward, and its two parts (``semantic`` and ``quality``: mean question scores), which
     show when a reward rises for the wrong reason. Returns a dict with ``accuracy``, ``reward``, ``semantic``,
     ``quality``, ``per_task`` and ``samples``
-    (images, think texts, correctness and failed questions for the grid)."""
+    (images, think texts, correctness and failed questions for the grid). With a world that reads plans
+    (``world.plan_ok``) also ``plan_accuracy``, ``accuracy_given_plan`` (``{"right": .., "wrong": ..}``, None for an
+    empty side) and ``per_task_plan``. ``think_texts``: draw from these texts instead of sampling think."""
     g = torch.Generator().manual_seed(seed)
     reqs = [GenRequest(r["prompt"]) for r in records]
     images, texts = generate(policy, reqs, num_steps=num_steps, shift=shift, cfg=cfg, generator=g, batch=batch,
-                             max_think_tokens=max_think_tokens, progress=progress, temperature=think_temperature)
+                             max_think_tokens=max_think_tokens, progress=progress, temperature=think_temperature,
+                             think_texts=think_texts)
     correct = [bool(world.judge(img, r)) for img, r in zip(images, records)]
     res = reward(list(images), list(records)) if len(records) else None
     rewards = res.rewards if res is not None else torch.zeros(0)
     per = defaultdict(list)
     for ok, r in zip(correct, records):
         per[r.get("task", "all")].append(ok)
-    return {
+    out = {
         "accuracy": float(np.mean(correct)) if correct else 0.0,
         "reward": float(rewards.mean()) if len(records) else 0.0,
         "semantic": _mean_of_means(res.semantic) if res is not None else 0.0,
         "quality": _mean_of_means(res.quality) if res is not None else 0.0,
         "n": len(records),
         "per_task": {k: float(np.mean(v)) for k, v in sorted(per.items())},
-        "samples": {"images": images, "think": texts, "correct": correct, "rewards": rewards.tolist()},
     }
+    if getattr(world, "plan_ok", None) is not None and records and any(texts):
+        out.update(plan_split(world, texts, records, correct))
+    out["samples"] = {"images": images, "think": texts, "correct": correct, "rewards": rewards.tolist()}
+    return out
+
+
+def plan_split(world, texts: Sequence[str], records: Sequence[dict], correct: Sequence[bool]) -> dict:
+    """Reasoning vs drawing: the fraction of think texts whose stated plan satisfies the prompt (``plan_accuracy``,
+    overall and ``per_task_plan``) and the image accuracy among right and among wrong plans (``accuracy_given_plan``;
+    None where no sample falls on that side)."""
+    ok = [bool(world.plan_ok(t, r)) for t, r in zip(texts, records)]
+    per = defaultdict(list)
+    for o, r in zip(ok, records):
+        per[r.get("task", "all")].append(o)
+    right = [c for c, o in zip(correct, ok) if o]
+    wrong = [c for c, o in zip(correct, ok) if not o]
+    return {"plan_accuracy": float(np.mean(ok)),
+            "accuracy_given_plan": {"right": float(np.mean(right)) if right else None,
+                                    "wrong": float(np.mean(wrong)) if wrong else None},
+            "per_task_plan": {k: float(np.mean(v)) for k, v in sorted(per.items())}}
 
 
 def save_grid(path: str | Path, images, captions: Sequence[str], correct: Optional[Sequence[bool]] = None,
@@ -126,16 +168,16 @@ def x0_grid(path, policy, world, records: Sequence[dict], sigmas=(1.0, 0.9, 0.75
     """Diagnostic PNG: per prompt, a target scene with its plan, then the model's clean-image prediction
     ``x0 = x_t - sigma * v`` from that target noised to each ``sigma`` (conditional branch, the target's plan as
     think text). At ``sigma = 1`` this shows what the model draws from the text alone: objects in their planned
-    cells when it binds the plan to image regions, a haze over many cells when it does not. Needs a policy that
-    exposes its word tokenizer as ``tok`` (TinyUMM) to encode the plan."""
-    if not hasattr(policy, "tok"):
-        raise ValueError(f"x0_grid needs a policy with a word tokenizer `tok` (TinyUMM); {type(policy).__name__} has none")
+    cells when it binds the plan to image regions, a haze over many cells when it does not. Needs a policy with
+    ``encode_think`` (TinyUMM) to encode the plan."""
+    if not hasattr(policy, "encode_think"):
+        raise ValueError(f"x0_grid needs a policy with encode_think(texts) (TinyUMM); {type(policy).__name__} has none")
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     tiles, caps = [], []
     for r in records:
         plan, img = world.sample_target(r, rng)
-        th = [torch.tensor(policy.tok.encode(plan))]
+        th = policy.encode_think([plan])
         cond = policy.image_condition([GenRequest(r["prompt"])], th, CFGConfig(text_scale=1.0))
         x0 = policy.encode(img[None])
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
@@ -162,23 +204,64 @@ def add_arguments(p):
     p.add_argument("--out", default="runs/eval", help="folder for eval.json and grid.png")
     p.add_argument("--x0", type=int, default=0, metavar="N",
                    help="also write x0.png: the model's clean-image prediction at several noise levels for N prompts")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="think sampling temperature (default: the recipe's think_temperature; 0 = greedy)")
+    p.add_argument("--oracle-plans", action="store_true",
+                   help="also draw every prompt from a right plan of the world's own: the drawing's accuracy with no "
+                        "reasoning errors (needs a world with sample_target)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def run(args) -> int:
-    from alphagrpo.train.common import eval_context
+    from alphagrpo.train.common import eval_context, print_table
     cfg, world, policy, reward, recs = eval_context(args.recipe, args.set, args.n, args.checkpoint)
-    res = evaluate(policy, world, recs, num_steps=args.steps or cfg.sampler.eval_steps, shift=cfg.sampler.shift,
-                   cfg=cfg.cfg, reward=reward, seed=args.seed, batch=cfg.eval_batch,
-                   max_think_tokens=cfg.max_think_tokens, progress=True)
+    if args.oracle_plans and world.sample_target is None:
+        raise ValueError("--oracle-plans needs a world that can sample a right plan (World.sample_target); this "
+                         "one cannot")
+    temperature = cfg.think_temperature if args.temperature is None else args.temperature
+    ev = dict(num_steps=args.steps or cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, reward=reward,
+              seed=args.seed, batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens)
+    res = evaluate(policy, world, recs, progress=True, think_temperature=temperature, **ev)
+    report = summary(res)
+    if args.oracle_plans:
+        rng = np.random.default_rng(args.seed)
+        plans = [world.sample_target(r, rng)[0] for r in recs]
+        report["oracle_plans"] = {k: v for k, v in summary(evaluate(policy, world, recs, think_texts=plans, **ev)).items()
+                                  if k in ("accuracy", "reward", "semantic", "quality", "per_task")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(summary(res), indent=1))
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
     grid_from_eval(out / "grid.png", res, recs, world)
     if args.x0 > 0:
         x0_grid(out / "x0.png", policy, world, recs[: args.x0], seed=args.seed)
-    from alphagrpo.train.common import print_table
-    print_table("held-out accuracy per task", [(k, f"{v:.3f}") for k, v in res["per_task"].items()],
-                ("task", "accuracy"))
-    print(json.dumps({"accuracy": res["accuracy"], "reward": res["reward"], "n": res["n"]}))
+    cols, rows = ["task", "accuracy"], []
+    for k, v in res["per_task"].items():
+        row = [k, _fmt(v)]
+        if "per_task_plan" in res:
+            row.append(_fmt(res["per_task_plan"].get(k)))
+        if "oracle_plans" in report:
+            row.append(_fmt(report["oracle_plans"]["per_task"].get(k)))
+        rows.append(row)
+    total = ["OVERALL", _fmt(res["accuracy"])]
+    if "per_task_plan" in res:
+        cols.append("plan right")
+        total.append(_fmt(res["plan_accuracy"]))
+    if "oracle_plans" in report:
+        cols.append("drawn from a right plan")
+        total.append(_fmt(report["oracle_plans"]["accuracy"]))
+    rows.append(total)
+    print_table("held-out accuracy per task", rows, cols)
+    if "accuracy_given_plan" in res:
+        g = res["accuracy_given_plan"]
+        print(f"image accuracy given the think text's plan: right {_fmt(g['right'])}, wrong {_fmt(g['wrong'])}")
+    line = {"accuracy": res["accuracy"], "reward": res["reward"], "n": res["n"]}
+    if "plan_accuracy" in res:
+        line["plan_accuracy"] = res["plan_accuracy"]
+    if "oracle_plans" in report:
+        line["oracle_plan_accuracy"] = report["oracle_plans"]["accuracy"]
+    print(json.dumps(line))
     return 0

@@ -31,6 +31,7 @@ class World:
     sample_target: Optional[Callable] = None        # (record, rng) -> (plan text, uint8 image), for pretraining
     failed: Optional[Callable] = None               # (image, record) -> failed question dicts
     sample_edit: Optional[Callable] = None          # (record, rng) -> (wrong image, think text, right image)
+    plan_ok: Optional[Callable] = None              # (think text, record) -> the plan it states satisfies the prompt
 
 
 def _perturb(S, scene, rng: np.random.Generator):
@@ -84,6 +85,18 @@ def shapes_edit_example(record, rng: np.random.Generator):
     think = (f"wrong : {failed[0]['question']} ; " if failed else "") + f"plan : {S.plan_text(right)}"
     img = S.degrade(S.render(wrong), rng, noise_std=float(rng.uniform(0, 12)), blur_sigma=float(rng.uniform(0, 0.9)))
     return img, think, S.render(right)
+
+
+def shapes_plan_ok(think: str, record) -> bool:
+    """Whether the layout a think text states (its ``plan : ...`` part when it has one) makes every semantic question
+    of ``record`` true, judged on the stated scene itself, before any drawing. An unreadable plan is not ok."""
+    from alphagrpo.worlds import shapes as S
+    text = think.split("plan :", 1)[1] if "plan :" in think else think
+    try:
+        scene = S.parse_plan(text)
+    except ValueError:
+        return False
+    return S.satisfies(scene, record)
 
 
 class HolisticShapesVerifier:
@@ -155,6 +168,9 @@ def load_world(cfg: DataConfig) -> World:
     def failed(image, record):
         return S.failed_questions(image, record, verifier)
 
+    def plan_ok(think, record) -> bool:
+        return shapes_plan_ok(think, record)
+
     return World(train=train, test=full_test[: cfg.test_size], verifier=reward_verifier, judge=judge,
                  words=sorted(set(S.vocabulary()) | set(EDIT_WORDS)), sample_target=sample_target,
-                 failed=failed, sample_edit=shapes_edit_example)
+                 failed=failed, sample_edit=shapes_edit_example, plan_ok=plan_ok)
