@@ -23,6 +23,7 @@ from alphagrpo.models.tiny_umm import TinyUMM, TinyUMMConfig
 from alphagrpo.models.tokenizer import WordTokenizer
 
 FORMAT = "alphagrpo.tinyumm/v1"
+LORA_TARGETS = ("layers.*.und.*", "layers.*.gen.*")   # both experts' qkv, proj and MLP layers
 FORMS = ("full", "no_text", "no_image", "null")
 
 
@@ -54,6 +55,7 @@ class TinyUMMPolicy:
         if model.cfg.vocab_size != len(tokenizer):
             raise ValueError(f"model vocab_size {model.cfg.vocab_size} != tokenizer size {len(tokenizer)}")
         self.model, self.tok = model, tokenizer
+        self.lora: Optional[dict] = None       # the adapters' settings while LoRA is enabled
         c = model.cfg
         self.latent_shape = (c.channels, c.image_size, c.image_size)
 
@@ -74,6 +76,8 @@ class TinyUMMPolicy:
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"format": FORMAT, "model": self.model.cfg.to_dict(), "tokenizer": json.loads(self.tok.to_json()),
                 **(extra or {})}
+        if self.lora is not None:
+            meta["lora"] = self.lora
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -96,8 +100,25 @@ class TinyUMMPolicy:
             raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}")
         tok = WordTokenizer.from_json(json.dumps(meta["tokenizer"]))
         model = TinyUMM(TinyUMMConfig(**{"patch_pos": "learned", **meta["model"]}))  # older files: learned
+        pol = cls(model, tok)
+        if meta.get("lora"):           # adapters saved unmerged: rebuild them, then load base and adapters
+            pol.enable_lora(**meta["lora"])
         model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return cls(model, tok)
+        return pol
+
+    def enable_lora(self, rank: int, alpha: float, targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> None:
+        """Freeze the model and train low-rank adapters on the ``targets`` linear layers instead (default: both
+        experts' attention and MLP layers); ``trainable_parameters`` then returns the adapters only. Saved
+        checkpoints keep the adapters unmerged and reload with them; ``merge_lora`` folds them in."""
+        from alphagrpo.models.lora import add_lora
+        add_lora(self.model, rank, alpha, targets, seed=seed)
+        self.lora = {"rank": int(rank), "alpha": float(alpha), "targets": list(targets), "seed": int(seed)}
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights; the whole model trains again."""
+        from alphagrpo.models.lora import merge_lora
+        merge_lora(self.model)
+        self.lora = None
 
     # ---------------------------------------------------------------- contexts
     def _ids(self, req: GenRequest, think: Optional[torch.Tensor], form: str, open_think: bool):

@@ -74,6 +74,19 @@ class OptimConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0                  # 0: full fine-tuning (the CPU recipes); > 0: train low-rank adapters (the paper)
+    alpha: float = 16.0            # adapter scale alpha / rank
+    targets: tuple = ()            # fnmatch patterns of linear layers; empty: the policy's default set
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}")
+        if self.rank and not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+
+
+@dataclass
 class RewardConfig:
     mode: str = "geometric"        # "geometric" (DVReward), "arithmetic", "semantic"
     binary: bool = False           # threshold scores at 0.5 (Table 4 ablation)
@@ -132,6 +145,7 @@ class TrainConfig:
     cfg: CFGConfig = field(default_factory=CFGConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     srr: SRRConfig = field(default_factory=SRRConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,8 +212,9 @@ def _coerce(value: str, current: Any):
         raise ValueError(f"expected a boolean, got {value!r}")
     if current is None:
         return None if value.lower() in ("none", "null") else value
-    if isinstance(current, tuple):
-        return tuple(int(v) for v in value.strip("()[] ").split(",") if v.strip())
+    if isinstance(current, tuple):   # comma-separated; integers when every item is one (window starts), else names
+        items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+        return tuple(int(v) for v in items) if all(v.lstrip("-").isdigit() for v in items) else tuple(items)
     return type(current)(value)
 
 
@@ -238,7 +253,7 @@ def revalidate(cfg):
 
 def from_dict(d: dict) -> TrainConfig:
     """Rebuild a ``TrainConfig`` from ``to_dict()`` output (checkpoints); unknown keys raise."""
-    kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "loss": LossConfig, "optim": OptimConfig,
+    kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "loss": LossConfig, "optim": OptimConfig, "lora": LoRAConfig,
              "reward": RewardConfig, "srr": SRRConfig, "data": DataConfig}
     kw = {}
     for k, v in d.items():

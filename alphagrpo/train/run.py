@@ -53,6 +53,18 @@ class PromptStream:
         self._perm = self._make()
 
 
+def enable_lora(policy, cfg: TrainConfig) -> None:
+    """Switch ``policy`` to LoRA fine-tuning as ``cfg.lora`` says (adapters seeded by ``cfg.seed``)."""
+    if not hasattr(policy, "enable_lora"):
+        raise ValueError(f"lora.rank={cfg.lora.rank} needs a policy with enable_lora(); {type(policy).__name__} has "
+                         "none (set lora.rank=0 for full fine-tuning)")
+    if getattr(policy, "lora", None):
+        raise ValueError("the starting policy already carries LoRA adapters; merge them (policy.merge_lora()) or "
+                         "resume the run that made them")
+    kw = {"targets": tuple(cfg.lora.targets)} if cfg.lora.targets else {}
+    policy.enable_lora(cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed, **kw)
+
+
 def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool = False,
           on_step: Optional[Callable[[int, dict], None]] = None):
     """Run ``cfg.steps`` GRPO steps (continuing from the run's latest checkpoint when ``resume``). Returns
@@ -65,6 +77,8 @@ def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool =
         policy = load_policy(str(state["policy_path"]), cfg.device, world)
     elif policy is None:
         policy = load_policy(cfg.init, cfg.device, world)
+    if state is None and cfg.lora.rank > 0:     # a resumed run's policy comes back with its adapters
+        enable_lora(policy, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary, holistic=cfg.reward.holistic)
     anchored = cfg.loss.beta_text > 0 or cfg.loss.beta_image > 0
