@@ -130,3 +130,23 @@ def test_drawing_from_given_think_texts_uses_them_and_needs_encode_think():
         pass
     with pytest.raises(ValueError, match="encode_think"):
         generate(NoEncode(), reqs, generator=torch.Generator(), **kw)
+
+
+def test_drawing_errors_tallies_each_planned_object_in_its_cell():
+    from alphagrpo.worlds.shapes import ShapeObject
+
+    from bench.drawing_errors import tally
+    a = ShapeObject("circle", "red", "large", 0, 0)
+    b = ShapeObject("square", "blue", "small", 1, 0)       # neighbour of a
+    c = ShapeObject("cross", "green", "large", 2, 2)
+    det = [{(0, 0): {"shape": "circle", "color": "red", "size": "large"},
+            (1, 0): {"shape": "circle", "color": "blue", "size": "small"}},      # b drawn as a circle
+           {(2, 2): {"shape": "cross", "color": "green", "size": "large"}},
+           {}]                                                                  # c missing
+    out = tally([[a, b], [c], [c]], det)
+    assert out["objects"] == 4 and out["accuracy_per_object"] == 0.5
+    assert out["by_count"] == {"1": 0.5, "2": 0.5}
+    assert out["by_neighbours"] == {"0": 0.5, "1": 0.5}
+    assert out["by_size"] == {"large": 2 / 3, "small": 0.0}
+    assert out["shape_confusion"] == {"circle": {"circle": 1}, "cross": {"cross": 1, "missing": 1},
+                                      "square": {"circle": 1}}
