@@ -52,7 +52,7 @@ def run(args) -> int:
     from alphagrpo.rewards import DVReward
     from alphagrpo.train.common import load_policy, print_table, setup_logging
     from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.evaluate import evaluate, grid_from_eval, summary
+    from alphagrpo.train.evaluate import evaluate, fmt3, grid_from_eval, summary
     from alphagrpo.train.run import train
     from alphagrpo.train.world import load_world
     setup_logging()
@@ -104,9 +104,8 @@ def run(args) -> int:
     rows.append(("  quality part", f"{before['quality']:.3f}", f"{after['quality']:.3f}"))
     if "plan_accuracy" in before and "plan_accuracy" in after:   # reasoning vs drawing (worlds that read plans)
         rows.append(("think text's plan right", f"{before['plan_accuracy']:.3f}", f"{after['plan_accuracy']:.3f}"))
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append(("  accuracy given a right plan", fmt(before["accuracy_given_plan"]["right"]),
-                     fmt(after["accuracy_given_plan"]["right"])))
+        rows.append(("  accuracy given a right plan", fmt3(before["accuracy_given_plan"]["right"]),
+                     fmt3(after["accuracy_given_plan"]["right"])))
     if rl_before is not None:
         rows.append((f"RL prompts ({n_rl} x {args.rl_eval}) accuracy", f"{rl_before['accuracy']:.3f}",
                      f"{rl_after['accuracy']:.3f}"))

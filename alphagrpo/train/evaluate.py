@@ -212,7 +212,8 @@ def add_arguments(p):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
 
-def _fmt(v) -> str:
+def fmt3(v) -> str:
+    """A score with three decimals, or "-" for None."""
     return "-" if v is None else f"{v:.3f}"
 
 
@@ -240,24 +241,24 @@ def run(args) -> int:
         x0_grid(out / "x0.png", policy, world, recs[: args.x0], seed=args.seed)
     cols, rows = ["task", "accuracy"], []
     for k, v in res["per_task"].items():
-        row = [k, _fmt(v)]
+        row = [k, fmt3(v)]
         if "per_task_plan" in res:
-            row.append(_fmt(res["per_task_plan"].get(k)))
+            row.append(fmt3(res["per_task_plan"].get(k)))
         if "oracle_plans" in report:
-            row.append(_fmt(report["oracle_plans"]["per_task"].get(k)))
+            row.append(fmt3(report["oracle_plans"]["per_task"].get(k)))
         rows.append(row)
-    total = ["OVERALL", _fmt(res["accuracy"])]
+    total = ["OVERALL", fmt3(res["accuracy"])]
     if "per_task_plan" in res:
         cols.append("plan right")
-        total.append(_fmt(res["plan_accuracy"]))
+        total.append(fmt3(res["plan_accuracy"]))
     if "oracle_plans" in report:
         cols.append("drawn from a right plan")
-        total.append(_fmt(report["oracle_plans"]["accuracy"]))
+        total.append(fmt3(report["oracle_plans"]["accuracy"]))
     rows.append(total)
     print_table("held-out accuracy per task", rows, cols)
     if "accuracy_given_plan" in res:
         g = res["accuracy_given_plan"]
-        print(f"image accuracy given the think text's plan: right {_fmt(g['right'])}, wrong {_fmt(g['wrong'])}")
+        print(f"image accuracy given the think text's plan: right {fmt3(g['right'])}, wrong {fmt3(g['wrong'])}")
     line = {"accuracy": res["accuracy"], "reward": res["reward"], "n": res["n"]}
     if "plan_accuracy" in res:
         line["plan_accuracy"] = res["plan_accuracy"]

@@ -168,9 +168,6 @@ def load_world(cfg: DataConfig) -> World:
     def failed(image, record):
         return S.failed_questions(image, record, verifier)
 
-    def plan_ok(think, record) -> bool:
-        return shapes_plan_ok(think, record)
-
     return World(train=train, test=full_test[: cfg.test_size], verifier=reward_verifier, judge=judge,
                  words=sorted(set(S.vocabulary()) | set(EDIT_WORDS)), sample_target=sample_target,
-                 failed=failed, sample_edit=shapes_edit_example, plan_ok=plan_ok)
+                 failed=failed, sample_edit=shapes_edit_example, plan_ok=shapes_plan_ok)
