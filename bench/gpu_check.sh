@@ -11,6 +11,8 @@
 #        DEMO_STEPS=80 DEMO_SET="optim.lr=3e-5" bash bench/gpu_check.sh   (4/4: after the kernels, `alphagrpo demo`
 #            on CUDA for that many GRPO steps with those overrides, under DEMO_TIMEOUT seconds (default 120),
 #            output in demo.txt; not part of the 8-minute budget above)
+#        ONLY_DEMO=1 DEMO_STEPS=250 DEMO_SET="lora.rank=8 lora.alpha=16 optim.lr=3e-4" DEMO_TIMEOUT=560 \
+#            bash bench/gpu_check.sh   (the demo alone, e.g. a long GPU run in one 10-minute call; exit status = its)
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -52,6 +54,11 @@ EOF
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
+RC_TESTS=0; RC_KERNELS=0
+if [ "${ONLY_DEMO:-0}" = 1 ] && [ -z "${DEMO_STEPS:-}" ]; then
+  echo "ONLY_DEMO=1 needs DEMO_STEPS (and usually DEMO_SET, DEMO_TIMEOUT)"; exit 2
+fi
+if [ "${ONLY_DEMO:-0}" != 1 ]; then
 log "1/3 CUDA tests (timeout 130 s)"
 timeout 130 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -o addopts="" -rs > "$OUT_DIR/pytest_cuda.txt" 2>&1
 RC_TESTS=$?
@@ -84,12 +91,15 @@ if [ -s "$OUT_DIR/kernels.txt" ]; then
 else
   echo "no kernel table: see $OUT_DIR/kernels.stderr.txt"
 fi
+fi   # ONLY_DEMO
 if [ -n "${DEMO_STEPS:-}" ]; then
   log "4/4 GRPO demo on CUDA: $DEMO_STEPS steps, overrides '${DEMO_SET:-}' (timeout ${DEMO_TIMEOUT:-120} s)"
   DEMO_ARGS=(demo --steps "$DEMO_STEPS" --out "${TMPDIR:-/tmp}/alphagrpo_demo" --set device=cuda)
   for kv in ${DEMO_SET:-}; do DEMO_ARGS+=(--set "$kv"); done
   PYTHONUNBUFFERED=1 timeout "${DEMO_TIMEOUT:-120}" "$PY" -m alphagrpo.cli "${DEMO_ARGS[@]}" > "$OUT_DIR/demo.txt" 2>&1
-  log "demo rc=$?"
+  RC_DEMO=$?
+  log "demo rc=$RC_DEMO"
   tail -n 25 "$OUT_DIR/demo.txt"
+  [ "${ONLY_DEMO:-0}" = 1 ] && exit "$RC_DEMO"
 fi
 [ "$RC_TESTS" = 0 ] && [ "$RC_KERNELS" = 0 ]
