@@ -27,7 +27,7 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.rank, self.alpha, self.scale = int(rank), float(alpha), float(alpha) / rank
+        self.scale = float(alpha) / rank
         w = base.weight
         a = torch.empty(rank, base.in_features, dtype=w.dtype)
         bound = 1.0 / math.sqrt(base.in_features)   # kaiming-uniform(a=sqrt(5)) bound, as nn.Linear's own init
