@@ -150,3 +150,14 @@ def test_drawing_errors_tallies_each_planned_object_in_its_cell():
     assert out["by_size"] == {"large": 2 / 3, "small": 0.0}
     assert out["shape_confusion"] == {"circle": {"circle": 1}, "cross": {"cross": 1, "missing": 1},
                                       "square": {"circle": 1}}
+
+
+def test_think_split_counts_how_often_the_model_reasons_and_what_it_buys():
+    from alphagrpo.train.evaluate import think_split
+    texts = ["plan : a", "", "plan : b", " ", "plan : c"]
+    correct = [True, False, False, True, True]
+    out = think_split(texts, correct)
+    assert out["think_rate"] == 3 / 5                              # blank counts as no think
+    assert out["accuracy_given_think"] == {"thought": 2 / 3, "direct": 1 / 2}
+    assert think_split(["", ""], [True, False]) == {"think_rate": 0.0,
+                                                    "accuracy_given_think": {"thought": None, "direct": 0.5}}

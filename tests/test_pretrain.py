@@ -88,3 +88,27 @@ def test_edit_examples_pair_a_wrong_image_with_the_reflection_instruction():
     reqs, thinks, imgs = P.make_batch(world, world.train[:6], np.random.default_rng(0), edit_frac=1.0)
     assert all(isinstance(r, GenRequest) and r.image is not None and r.instruction for r in reqs)
     assert all("plan :" in t for t in thinks) and imgs.shape == (6, 32, 32, 3)
+
+
+def test_think_drop_empties_that_share_of_t2i_think_texts_and_nothing_else(tmp_path):
+    from alphagrpo.train.config import get_recipe
+    from alphagrpo.train.world import load_world
+    cfg = get_recipe("tiny_shapes")
+    cfg.data.train_per_task = 8
+    world = load_world(cfg.data)
+    recs = world.train[:120]
+    # think_drop=0 draws no extra random numbers: the batch is the one pretraining made before the option existed
+    base = P.make_batch(world, recs, np.random.default_rng(3), edit_frac=0.3)
+    same = P.make_batch(world, recs, np.random.default_rng(3), edit_frac=0.3, think_drop=0.0)
+    assert base[1] == same[1] and np.array_equal(base[2], same[2])
+    assert all(t for t in base[1])
+    reqs, thinks, _ = P.make_batch(world, recs * 4, np.random.default_rng(3), edit_frac=0.3, think_drop=0.5)
+    t2i = [t for r, t in zip(reqs, thinks) if r.image is None]
+    edits = [t for r, t in zip(reqs, thinks) if r.image is not None]
+    assert edits and all("plan :" in t for t in edits)          # refinement examples always keep their reflection
+    empty = sum(1 for t in t2i if t == "") / len(t2i)
+    assert 0.4 < empty < 0.6, empty                              # ~330 T2I examples: 0.5 +- 0.1 is > 3 sigma
+    assert all(" at x" in t for t in t2i if t)                  # the others keep their plan
+    with pytest.raises(ValueError, match="think_drop"):
+        _run(tmp_path, "x", think_drop=1.0)
+

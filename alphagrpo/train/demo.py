@@ -102,6 +102,11 @@ def run(args) -> int:
     rows.append(("mean DVReward", f"{before['reward']:.3f}", f"{after['reward']:.3f}"))
     rows.append(("  semantic part", f"{before['semantic']:.3f}", f"{after['semantic']:.3f}"))
     rows.append(("  quality part", f"{before['quality']:.3f}", f"{after['quality']:.3f}"))
+    if "think_rate" in before and "think_rate" in after:  # how often the model reasons before drawing
+        rows.append(("reasons before drawing", f"{before['think_rate']:.3f}", f"{after['think_rate']:.3f}"))
+        for side, label in (("thought", "with think"), ("direct", "without think")):
+            rows.append((f"  accuracy {label}", fmt3(before["accuracy_given_think"][side]),
+                         fmt3(after["accuracy_given_think"][side])))
     if "plan_accuracy" in before and "plan_accuracy" in after:   # reasoning vs drawing (worlds that read plans)
         rows.append(("think text's plan right", f"{before['plan_accuracy']:.3f}", f"{after['plan_accuracy']:.3f}"))
         rows.append(("  accuracy given a right plan", fmt3(before["accuracy_given_plan"]["right"]),

@@ -96,10 +96,24 @@ def evaluate(policy, world, records: Sequence[dict], *, num_steps: int, shift: f
         "n": len(records),
         "per_task": {k: float(np.mean(v)) for k, v in sorted(per.items())},
     }
+    if think_texts is None and texts is not None and len(texts) == len(records) and records:
+        out.update(think_split(texts, correct))
     if getattr(world, "plan_ok", None) is not None and records and any(texts):
         out.update(plan_split(world, texts, records, correct))
     out["samples"] = {"images": images, "think": texts, "correct": correct, "rewards": rewards.tolist()}
     return out
+
+
+def think_split(texts: Sequence[str], correct: Sequence[bool]) -> dict:
+    """How often the model reasons before drawing (``think_rate``: the fraction of non-empty sampled think texts)
+    and the image accuracy with and without it (``accuracy_given_think``: ``{"thought": .., "direct": ..}``, None
+    for an empty side)."""
+    thought = [bool(t.strip()) for t in texts]
+    yes = [c for c, t in zip(correct, thought) if t]
+    no = [c for c, t in zip(correct, thought) if not t]
+    return {"think_rate": float(np.mean(thought)),
+            "accuracy_given_think": {"thought": float(np.mean(yes)) if yes else None,
+                                     "direct": float(np.mean(no)) if no else None}}
 
 
 def plan_split(world, texts: Sequence[str], records: Sequence[dict], correct: Sequence[bool]) -> dict:
@@ -259,7 +273,13 @@ def run(args) -> int:
     if "accuracy_given_plan" in res:
         g = res["accuracy_given_plan"]
         print(f"image accuracy given the think text's plan: right {fmt3(g['right'])}, wrong {fmt3(g['wrong'])}")
+    if "think_rate" in res:
+        g = res["accuracy_given_think"]
+        print(f"reasons before drawing (non-empty think text): {fmt3(res['think_rate'])}; image accuracy with think "
+              f"{fmt3(g['thought'])}, without {fmt3(g['direct'])}")
     line = {"accuracy": res["accuracy"], "reward": res["reward"], "n": res["n"]}
+    if "think_rate" in res:
+        line["think_rate"] = res["think_rate"]
     if "plan_accuracy" in res:
         line["plan_accuracy"] = res["plan_accuracy"]
     if "oracle_plans" in report:

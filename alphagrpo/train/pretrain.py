@@ -28,8 +28,10 @@ MODEL_SIZES = {"tiny": dict(dim=128, n_layers=4, n_heads=4, max_positions=320),
                "micro": dict(dim=64, n_layers=2, n_heads=2, max_positions=320)}
 
 
-def make_batch(world, records, rng: np.random.Generator, edit_frac: float):
-    """Requests, think texts and target images (uint8 ``[B, H, W, 3]``) for one pretraining batch."""
+def make_batch(world, records, rng: np.random.Generator, edit_frac: float, think_drop: float = 0.0):
+    """Requests, think texts and target images (uint8 ``[B, H, W, 3]``) for one pretraining batch. ``think_drop``:
+    the fraction of T2I examples whose think text is empty (the model learns to draw from the prompt alone there,
+    and to answer ``<eot>`` at once about that often: a model that reasons before drawing only sometimes)."""
     reqs, thinks, imgs = [], [], []
     for r in records:
         if world.sample_edit is not None and rng.random() < edit_frac:
@@ -40,17 +42,21 @@ def make_batch(world, records, rng: np.random.Generator, edit_frac: float):
         else:
             plan, img = world.sample_target(r, rng)
             reqs.append(GenRequest(r["prompt"]))
-            thinks.append(plan)
+            thinks.append("" if think_drop and rng.random() < think_drop else plan)
             imgs.append(img)
     return reqs, thinks, np.stack(imgs)
 
 
 def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minutes: float = 0.0, batch: int = 64,
              lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=(),
-             init: Optional[str] = None, train_shift: float = 3.0, stop_after: int = 0, device: str = "cpu"):
+             init: Optional[str] = None, train_shift: float = 3.0, stop_after: int = 0, device: str = "cpu",
+             think_drop: float = 0.0):
     """Train a fresh TinyUMM (or continue ``init``); save it to ``out``. Returns ``(policy, report dict)``.
     ``train_shift`` skews the flow-matching noise levels towards high sigma (where the layout must come from the
-    text alone)."""
+    text alone). ``think_drop``: see :func:`make_batch`."""
+    if not 0.0 <= think_drop < 1.0:
+        raise ValueError(f"think_drop must be in [0, 1) (the fraction of T2I examples without think text), got "
+                         f"{think_drop}")
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
     from alphagrpo.train.trainer import reflection_words
     torch.manual_seed(seed)  # parameter initialisation only; data and noise use explicit generators below
@@ -79,7 +85,7 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     done = 0
     for step in range(steps):
         idx = rng.integers(0, len(world.train), size=batch)
-        reqs, thinks, imgs = make_batch(world, [world.train[i] for i in idx], rng, edit_frac)
+        reqs, thinks, imgs = make_batch(world, [world.train[i] for i in idx], rng, edit_frac, think_drop)
         lm, flow = policy.supervised_losses(reqs, thinks, imgs, generator=gen, shift=train_shift)
         loss = lm + flow
         opt.zero_grad(set_to_none=True)
@@ -100,7 +106,8 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     report = {"size": size, "parameters": n_params, "steps": done, "batch": batch, "lr": lr, "seed": seed,
               "edit_frac": edit_frac, "minutes": elapsed / 60, "lm_loss": ema[0] if ema else None,
               "flow_loss": ema[1] if ema else None, "threads": torch.get_num_threads(), "train_shift": train_shift,
-              "init": str(init) if init else None, "previous": prior, "device": str(device)}
+              "init": str(init) if init else None, "previous": prior, "device": str(device),
+              "think_drop": think_drop}
     policy.save_pretrained(out, extra={"pretrain": report})
     return policy, report
 
@@ -119,6 +126,9 @@ def add_arguments(p):
     p.add_argument("--eval-n", type=int, default=256, help="held-out prompts for the final report")
     p.add_argument("--init", default=None, help="continue from this checkpoint instead of a fresh model")
     p.add_argument("--edit-frac", type=float, default=0.25, help="fraction of refinement (edit) examples")
+    p.add_argument("--think-drop", type=float, default=0.0,
+                   help="fraction of T2I examples with an empty think text: the pretrained model then reasons before "
+                        "drawing on only about 1 - this of its prompts, and RL can learn when reasoning pays")
     p.add_argument("--train-shift", type=float, default=3.0, help="noise-level shift of the flow-matching loss")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; the CPU run is the reference")
@@ -145,7 +155,7 @@ def run(args) -> int:
     policy, report = pretrain(world, out=out, size=args.size, steps=args.steps, minutes=args.minutes,
                               batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
                               edit_frac=args.edit_frac, train_shift=args.train_shift, stop_after=args.stop_after,
-                              device=device)
+                              device=device, think_drop=args.think_drop)
     reward = DVReward(world.verifier, mode=cfg.reward.mode)
     recs = world.test[: args.eval_n]
     res = evaluate(policy, world, recs, num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg,
