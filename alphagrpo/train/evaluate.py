@@ -98,7 +98,7 @@ def evaluate(policy, world, records: Sequence[dict], *, num_steps: int, shift: f
     }
     if think_texts is None and texts is not None and len(texts) == len(records) and records:
         out.update(think_split(texts, correct))
-    if getattr(world, "plan_ok", None) is not None and records and any(texts):
+    if getattr(world, "plan_ok", None) is not None and records:   # an empty think text states no plan: wrong
         out.update(plan_split(world, texts, records, correct))
     out["samples"] = {"images": images, "think": texts, "correct": correct, "rewards": rewards.tolist()}
     return out
