@@ -90,7 +90,7 @@ def test_edit_examples_pair_a_wrong_image_with_the_reflection_instruction():
     assert all("plan :" in t for t in thinks) and imgs.shape == (6, 32, 32, 3)
 
 
-def test_think_drop_empties_that_share_of_t2i_think_texts_and_nothing_else(tmp_path):
+def test_think_and_reflect_drop_empty_that_share_of_their_examples_think_texts(tmp_path):
     from alphagrpo.train.config import get_recipe
     from alphagrpo.train.world import load_world
     cfg = get_recipe("tiny_shapes")
@@ -111,4 +111,14 @@ def test_think_drop_empties_that_share_of_t2i_think_texts_and_nothing_else(tmp_p
     assert all(" at x" in t for t in t2i if t)                  # the others keep their plan
     with pytest.raises(ValueError, match="think_drop"):
         _run(tmp_path, "x", think_drop=1.0)
+    # reflect_drop does the same to the refinement examples only
+    reqs, thinks, _ = P.make_batch(world, recs * 4, np.random.default_rng(3), edit_frac=0.3, reflect_drop=0.5)
+    t2i = [t for r, t in zip(reqs, thinks) if r.image is None]
+    edits = [t for r, t in zip(reqs, thinks) if r.image is not None]
+    assert all(" at x" in t for t in t2i)
+    empty = sum(1 for t in edits if t == "") / len(edits)
+    assert 0.35 < empty < 0.65, empty                            # ~140 refinement examples: > 3 sigma
+    assert all("plan :" in t for t in edits if t)
+    with pytest.raises(ValueError, match="reflect_drop"):
+        _run(tmp_path, "y", reflect_drop=-0.1)
 

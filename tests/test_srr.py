@@ -131,6 +131,8 @@ def test_refinement_stops_at_the_round_limit_and_keeps_the_best_image():
     for i in range(3):
         assert len(res.trace[i]) == 3
         assert np.array_equal(res.images[i], res.trace[i][1][1]), "best image must be round 1's"
+    for r, h in enumerate(res.history):   # how often the model wrote a think text before drawing, per round
+        assert h["thought"] == np.mean([bool(res.trace[i][r][0].strip()) for i in range(3)])
 
 
 def test_refinement_figure_shows_the_most_improved_prompts(tmp_path):

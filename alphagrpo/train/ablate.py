@@ -93,7 +93,7 @@ def _refine_row(seed, res) -> dict:
     """Accuracy/reward after one refinement round, with the initial images' accuracy beside them."""
     h0, h1 = res.history[0], res.history[-1]
     return {"seed": seed, "accuracy": h1["accuracy"], "reward": h1["reward"], "initial_accuracy": h0["accuracy"],
-            "initial_reward": h0["reward"]}
+            "initial_reward": h0["reward"], "reflect_rate": h1.get("thought") if len(res.history) > 1 else None}
 
 
 def _agg(runs):

@@ -28,16 +28,18 @@ MODEL_SIZES = {"tiny": dict(dim=128, n_layers=4, n_heads=4, max_positions=320),
                "micro": dict(dim=64, n_layers=2, n_heads=2, max_positions=320)}
 
 
-def make_batch(world, records, rng: np.random.Generator, edit_frac: float, think_drop: float = 0.0):
+def make_batch(world, records, rng: np.random.Generator, edit_frac: float, think_drop: float = 0.0,
+               reflect_drop: float = 0.0):
     """Requests, think texts and target images (uint8 ``[B, H, W, 3]``) for one pretraining batch. ``think_drop``:
     the fraction of T2I examples whose think text is empty (the model learns to draw from the prompt alone there,
-    and to answer ``<eot>`` at once about that often: a model that reasons before drawing only sometimes)."""
+    and to answer ``<eot>`` at once about that often: a model that reasons before drawing only sometimes).
+    ``reflect_drop``: the same for refinement examples (redraw from the prompt and the wrong image, no diagnosis)."""
     reqs, thinks, imgs = [], [], []
     for r in records:
         if world.sample_edit is not None and rng.random() < edit_frac:
             wrong, think, right = world.sample_edit(r, rng)
             reqs.append(GenRequest(r["prompt"], image=wrong, instruction=reflection_instruction(r["prompt"])))
-            thinks.append(think)
+            thinks.append("" if reflect_drop and rng.random() < reflect_drop else think)
             imgs.append(right)
         else:
             plan, img = world.sample_target(r, rng)
@@ -50,13 +52,13 @@ def make_batch(world, records, rng: np.random.Generator, edit_frac: float, think
 def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minutes: float = 0.0, batch: int = 64,
              lr: float = 1e-3, edit_frac: float = 0.25, seed: int = 0, log_every: int = 100, extra_words=(),
              init: Optional[str] = None, train_shift: float = 3.0, stop_after: int = 0, device: str = "cpu",
-             think_drop: float = 0.0):
+             think_drop: float = 0.0, reflect_drop: float = 0.0):
     """Train a fresh TinyUMM (or continue ``init``); save it to ``out``. Returns ``(policy, report dict)``.
     ``train_shift`` skews the flow-matching noise levels towards high sigma (where the layout must come from the
-    text alone). ``think_drop``: see :func:`make_batch`."""
-    if not 0.0 <= think_drop < 1.0:
-        raise ValueError(f"think_drop must be in [0, 1) (the fraction of T2I examples without think text), got "
-                         f"{think_drop}")
+    text alone). ``think_drop``, ``reflect_drop``: see :func:`make_batch`."""
+    for name, v in (("think_drop", think_drop), ("reflect_drop", reflect_drop)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1) (the fraction of examples without think text), got {v}")
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
     from alphagrpo.train.trainer import reflection_words
     torch.manual_seed(seed)  # parameter initialisation only; data and noise use explicit generators below
@@ -85,7 +87,8 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
     done = 0
     for step in range(steps):
         idx = rng.integers(0, len(world.train), size=batch)
-        reqs, thinks, imgs = make_batch(world, [world.train[i] for i in idx], rng, edit_frac, think_drop)
+        reqs, thinks, imgs = make_batch(world, [world.train[i] for i in idx], rng, edit_frac, think_drop,
+                                        reflect_drop)
         lm, flow = policy.supervised_losses(reqs, thinks, imgs, generator=gen, shift=train_shift)
         loss = lm + flow
         opt.zero_grad(set_to_none=True)
@@ -107,7 +110,7 @@ def pretrain(world, *, out: Path, size: str = "tiny", steps: int = 20000, minute
               "edit_frac": edit_frac, "minutes": elapsed / 60, "lm_loss": ema[0] if ema else None,
               "flow_loss": ema[1] if ema else None, "threads": torch.get_num_threads(), "train_shift": train_shift,
               "init": str(init) if init else None, "previous": prior, "device": str(device),
-              "think_drop": think_drop}
+              "think_drop": think_drop, "reflect_drop": reflect_drop}
     policy.save_pretrained(out, extra={"pretrain": report})
     return policy, report
 
@@ -129,6 +132,9 @@ def add_arguments(p):
     p.add_argument("--think-drop", type=float, default=0.0,
                    help="fraction of T2I examples with an empty think text: the pretrained model then reasons before "
                         "drawing on only about 1 - this of its prompts, and RL can learn when reasoning pays")
+    p.add_argument("--reflect-drop", type=float, default=0.0,
+                   help="fraction of refinement examples with an empty think text (no diagnosis): the model then "
+                        "reflects on only about 1 - this of its refinements, and SRR can learn when reflecting pays")
     p.add_argument("--train-shift", type=float, default=3.0, help="noise-level shift of the flow-matching loss")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; the CPU run is the reference")
@@ -155,7 +161,8 @@ def run(args) -> int:
     policy, report = pretrain(world, out=out, size=args.size, steps=args.steps, minutes=args.minutes,
                               batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
                               edit_frac=args.edit_frac, train_shift=args.train_shift, stop_after=args.stop_after,
-                              device=device, think_drop=args.think_drop)
+                              device=device, think_drop=args.think_drop,
+                              reflect_drop=args.reflect_drop)
     reward = DVReward(world.verifier, mode=cfg.reward.mode)
     recs = world.test[: args.eval_n]
     res = evaluate(policy, world, recs, num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg,

@@ -64,7 +64,7 @@ def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshol
     trace = [[(texts[i], images[i], float(res.rewards[i]), res.semantic[i] + res.quality[i])] for i in range(n)]
     pending = [i for i in range(n) if _needs_refinement(res, i, threshold)]
     used = [0] * n
-    hist = [_round_stats(0, best_img, best_r, records, judge, len(pending))]
+    hist = [_round_stats(0, best_img, best_r, records, judge, len(pending), texts)]
     for rnd in range(1, rounds + 1):
         if not pending:
             break
@@ -84,13 +84,16 @@ def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshol
                 best_r[i], best_img[i] = r2.rewards[j], imgs[j]
             if _needs_refinement(r2, j, threshold):
                 still.append(i)
-        hist.append(_round_stats(rnd, best_img, best_r, records, judge, len(pending)))
+        hist.append(_round_stats(rnd, best_img, best_r, records, judge, len(pending), th))
         pending = still
     return RefineResult(images=best_img, rewards=best_r, rounds_used=used, history=hist, trace=trace)
 
 
-def _round_stats(rnd, images, rewards, records, judge, refined):
-    out = {"round": rnd, "reward": float(rewards.mean()) if len(rewards) else 0.0, "refined": refined}
+def _round_stats(rnd, images, rewards, records, judge, refined, texts):
+    """``thought``: the fraction of this round's samples whose think text is not empty (round 0: the model reasoned
+    before drawing; later rounds in reflect mode: it wrote a diagnosis before redrawing)."""
+    out = {"round": rnd, "reward": float(rewards.mean()) if len(rewards) else 0.0, "refined": refined,
+           "thought": float(np.mean([bool(t.strip()) for t in texts])) if len(texts) else None}
     if judge is not None:
         out["accuracy"] = float(np.mean([judge(im, r) for im, r in zip(images, records)]))
     return out
@@ -177,7 +180,7 @@ def run(args) -> int:
             res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
                          num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=seed,
                          batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
-            h = res.history + [dict(res.history[-1], round=r, refined=0)  # stopped early: nothing left to refine
+            h = res.history + [dict(res.history[-1], round=r, refined=0, thought=None)  # stopped early: none left
                                for r in range(len(res.history), args.rounds + 1)]
             hist[mode][seed] = h
             if mode == "reflect" and seed == seeds[0] and args.figure > 0:
@@ -197,7 +200,9 @@ def run(args) -> int:
         for mode in modes:
             (am, asd), (rm, rsd) = stat(mode, r, "accuracy"), stat(mode, r, "reward")
             row += [f"{am:.3f} ± {asd:.3f}", f"{rm:.3f} ± {rsd:.3f}"]
-            summary.setdefault(mode, []).append({"round": r, "accuracy": am, "reward": rm})
+            th = [hist[mode][s][r]["thought"] for s in seeds if hist[mode][s][r].get("thought") is not None]
+            summary.setdefault(mode, []).append({"round": r, "accuracy": am, "reward": rm,
+                                                 "thought": statistics.mean(th) if th else None})
         rows.append(tuple(row))
     head = ("round",) + sum(((f"{m} accuracy", f"{m} reward") for m in modes), ())
     print_table(f"inference-time refinement: best image so far, {len(recs)} held-out prompts, seeds {seeds}",
