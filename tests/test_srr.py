@@ -206,3 +206,5 @@ def test_fpr_study_reports_initial_and_refined_accuracy_with_the_start_checkpoin
         run = v["runs"][0]
         # the refined accuracy is measured on the best image so far: never below the initial images'
         assert run["accuracy"] >= run["initial_accuracy"] and run["reward"] >= run["initial_reward"]
+        assert run["reflect_rate"] is None or 0.0 <= run["reflect_rate"] <= 1.0
+        assert ("reflect_rate_mean" in v) == (run["reflect_rate"] is not None)

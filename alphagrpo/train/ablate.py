@@ -99,8 +99,8 @@ def _refine_row(seed, res) -> dict:
 def _agg(runs):
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
     out = {}
-    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward"):
-        if key in runs[0]:
+    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward", "reflect_rate"):
+        if key in runs[0] and all(r.get(key) is not None for r in runs):
             v = [r[key] for r in runs]
             out[f"{key}_mean"], out[f"{key}_sd"] = statistics.mean(v), sd(v)
     return out
@@ -124,9 +124,10 @@ def run(args) -> int:
                   extra=args.set, checkpoint=args.checkpoint)
     title = f"ablation '{args.study}' ({len(seeds)} seeds, {args.steps} steps, {args.eval_n} held-out prompts)"
     if args.study == "fpr":
-        print_table(title, [(k, _pm(v, "initial_accuracy"), _pm(v, "accuracy"), _pm(v, "reward"))
+        print_table(title, [(k, _pm(v, "initial_accuracy"), _pm(v, "accuracy"), _pm(v, "reward"),
+                             _pm(v, "reflect_rate") if "reflect_rate_mean" in v else "-")
                             for k, v in t["variants"].items()],
-                    ("variant", "initial accuracy", "refined accuracy", "refined reward"))
+                    ("variant", "initial accuracy", "refined accuracy", "refined reward", "writes a diagnosis"))
     else:
         print_table(title, [(k, _pm(v, "accuracy"), _pm(v, "reward")) for k, v in t["variants"].items()],
                     ("variant", "accuracy", "reward"))
