@@ -161,3 +161,15 @@ def test_think_split_counts_how_often_the_model_reasons_and_what_it_buys():
     assert out["accuracy_given_think"] == {"thought": 2 / 3, "direct": 1 / 2}
     assert think_split(["", ""], [True, False]) == {"think_rate": 0.0,
                                                     "accuracy_given_think": {"thought": None, "direct": 0.5}}
+
+
+def test_plan_rl_probe_scores_plans_with_shared_sampling_seeds(tmp_path):
+    """bench/plan_rl_probe.py: with a zero learning rate the weights do not move, so the plan accuracies after equal
+    the ones before (both sampled with the same seeds); the reward curve has one entry per step."""
+    from bench.plan_rl_probe import main as probe
+    out = tmp_path / "p.json"
+    assert probe(["--steps", "2", "--lr", "0", "--prompts", "2", "--group", "2", "--eval-n", "8", "--rl-eval-n", "8",
+                  "--train-per-task", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["after"] == res["before"] and len(res["reward_curve"]) == 2
+    assert all(0.0 <= v <= 1.0 for part in ("before", "after") for v in res[part].values())
