@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             print(f"step {step:4d} | plan reward {curve[-1]:.3f} | {time.time() - t0:.0f}s", flush=True)
     after = {"held_out": plan_accuracy(policy, world, test, 1), "rl_prompts": plan_accuracy(policy, world, train[:a.rl_eval_n], 2)}
     res = {"args": vars(a), "before": before, "after": after, "reward_curve": curve, "seconds": time.time() - t0,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "device": "cpu"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({"before": before, "after": after}))
