@@ -96,7 +96,7 @@ def evaluate(policy, world, records: Sequence[dict], *, num_steps: int, shift: f
         "n": len(records),
         "per_task": {k: float(np.mean(v)) for k, v in sorted(per.items())},
     }
-    if think_texts is None and texts is not None and len(texts) == len(records) and records:
+    if think_texts is None and records:   # sampled think texts: how often the model reasoned
         out.update(think_split(texts, correct))
     if getattr(world, "plan_ok", None) is not None and records:   # an empty think text states no plan: wrong
         out.update(plan_split(world, texts, records, correct))
@@ -104,14 +104,19 @@ def evaluate(policy, world, records: Sequence[dict], *, num_steps: int, shift: f
     return out
 
 
+def thought(texts: Sequence[str]) -> list:
+    """Per think text, whether the model wrote one (an empty or blank text: it drew without reasoning)."""
+    return [bool(t.strip()) for t in texts]
+
+
 def think_split(texts: Sequence[str], correct: Sequence[bool]) -> dict:
     """How often the model reasons before drawing (``think_rate``: the fraction of non-empty sampled think texts)
     and the image accuracy with and without it (``accuracy_given_think``: ``{"thought": .., "direct": ..}``, None
     for an empty side)."""
-    thought = [bool(t.strip()) for t in texts]
-    yes = [c for c, t in zip(correct, thought) if t]
-    no = [c for c, t in zip(correct, thought) if not t]
-    return {"think_rate": float(np.mean(thought)),
+    wrote = thought(texts)
+    yes = [c for c, t in zip(correct, wrote) if t]
+    no = [c for c, t in zip(correct, wrote) if not t]
+    return {"think_rate": float(np.mean(wrote)),
             "accuracy_given_think": {"thought": float(np.mean(yes)) if yes else None,
                                      "direct": float(np.mean(no)) if no else None}}
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from alphagrpo.models.policy import CFGConfig, GenRequest
-from alphagrpo.train.evaluate import generate
+from alphagrpo.train.evaluate import generate, thought
 from alphagrpo.train.trainer import reflection_instruction
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _round_stats(rnd, images, rewards, records, judge, refined, texts):
     """``thought``: the fraction of this round's samples whose think text is not empty (round 0: the model reasoned
     before drawing; later rounds in reflect mode: it wrote a diagnosis before redrawing)."""
     out = {"round": rnd, "reward": float(rewards.mean()) if len(rewards) else 0.0, "refined": refined,
-           "thought": float(np.mean([bool(t.strip()) for t in texts])) if len(texts) else None}
+           "thought": float(np.mean(thought(texts))) if len(texts) else None}
     if judge is not None:
         out["accuracy"] = float(np.mean([judge(im, r) for im, r in zip(images, records)]))
     return out
