@@ -98,9 +98,12 @@ def test_think_and_reflect_drop_empty_that_share_of_their_examples_think_texts(t
     world = load_world(cfg.data)
     recs = world.train[:120]
     # think_drop=0 draws no extra random numbers: the batch is the one pretraining made before the option existed
-    base = P.make_batch(world, recs, np.random.default_rng(3), edit_frac=0.3)
-    same = P.make_batch(world, recs, np.random.default_rng(3), edit_frac=0.3, think_drop=0.0)
-    assert base[1] == same[1] and np.array_equal(base[2], same[2])
+    base = P.make_batch(world, recs, np.random.default_rng(3), edit_frac=0.3, think_drop=0.0, reflect_drop=0.0)
+    rng, same = np.random.default_rng(3), []           # the batch as pretraining drew it before the options
+    for r in recs:
+        same.append(world.sample_edit(r, rng) if rng.random() < 0.3 else world.sample_target(r, rng))
+    assert base[1] == [x[1] if len(x) == 3 else x[0] for x in same]
+    assert np.array_equal(base[2], np.stack([x[2] if len(x) == 3 else x[1] for x in same]))
     assert all(t for t in base[1])
     reqs, thinks, _ = P.make_batch(world, recs * 4, np.random.default_rng(3), edit_frac=0.3, think_drop=0.5)
     t2i = [t for r, t in zip(reqs, thinks) if r.image is None]
