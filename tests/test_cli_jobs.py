@@ -41,6 +41,12 @@ def test_refine_compare_reports_both_modes_per_round(tmp_path, capsys):
     assert (tmp_path / "refinement.png").is_file()
     saved = json.loads((tmp_path / "refine.json").read_text())
     assert saved["seeds"] == [0, 1] and set(saved["history"]["reflect"]) == {"0", "1"}
+    for r in (0, 1):   # the printed split is the mean over seeds of each seed's split (None sides left out)
+        for k in ("thought", "direct"):
+            v = [h[str(s)][r]["drawn_accuracy_given_thought"][k] for h in [saved["history"]["reflect"]] for s in (0, 1)
+                 if h[str(s)][r]["drawn_accuracy_given_thought"] and h[str(s)][r]["drawn_accuracy_given_thought"][k]
+                 is not None]
+            assert res["reflect"][r]["drawn_accuracy_given_thought"][k] == (sum(v) / len(v) if v else None)
 
 
 def test_eval_writes_accuracy_grid_and_the_x0_diagnostic(tmp_path, capsys):

@@ -37,6 +37,18 @@ def test_fpr_in_the_trainer_never_rewards_a_non_improving_refinement():
         tr.close()
 
 
+def test_srr_step_reports_how_often_a_diagnosis_was_written():
+    from alphagrpo.train.evaluate import thought
+    tr, world = make_trainer(srr_cfg(), seed=2)
+    m = tr.step(world.train[:2])
+    chunks = tr.last_rollout[0]
+    texts = [t for ro in chunks for t in ro.think_texts]
+    assert len(texts) == m["samples"] == 8
+    assert m["think_rate"] == sum(thought(texts)) / 8
+    assert all(len(t) > 1 for ro in chunks for t, s in zip(ro.think, ro.think_texts) if s.strip())
+    tr.close()
+
+
 def test_fpr_off_keeps_raw_rewards():
     tr, world = make_trainer(srr_cfg(**{"reward.fpr": "false"}))
     tr.step(world.train[:2])
@@ -133,6 +145,10 @@ def test_refinement_stops_at_the_round_limit_and_keeps_the_best_image():
         assert np.array_equal(res.images[i], res.trace[i][1][1]), "best image must be round 1's"
     for r, h in enumerate(res.history):   # how often the model wrote a think text before drawing, per round
         assert h["thought"] == np.mean([bool(res.trace[i][r][0].strip()) for i in range(3)])
+        # accuracy of the images drawn in this round, split by whether a think text came before them
+        split = {k: [world.judge(res.trace[i][r][1], world.test[i]) for i in range(3)
+                     if bool(res.trace[i][r][0].strip()) == (k == "thought")] for k in ("thought", "direct")}
+        assert h["drawn_accuracy_given_thought"] == {k: (float(np.mean(v)) if v else None) for k, v in split.items()}
 
 
 def test_refinement_figure_shows_the_most_improved_prompts(tmp_path):
@@ -208,3 +224,10 @@ def test_fpr_study_reports_initial_and_refined_accuracy_with_the_start_checkpoin
         assert run["accuracy"] >= run["initial_accuracy"] and run["reward"] >= run["initial_reward"]
         assert run["reflect_rate"] is None or 0.0 <= run["reflect_rate"] <= 1.0
         assert ("reflect_rate_mean" in v) == (run["reflect_rate"] is not None)
+        for k in ("redraw_accuracy_diagnosed", "redraw_accuracy_undiagnosed"):
+            assert run[k] is None or 0.0 <= run[k] <= 1.0
+    for name in ("fpr_on_s0", "fpr_off_s0"):   # each trained policy is kept, loadable for `refine --checkpoint`
+        from alphagrpo.train.common import load_policy
+        pol = load_policy(str(tmp_path / "ab" / name / "policy"), "cpu", brightness_world(n_test=3))
+        ref = micro_policy(0).model.state_dict()
+        assert {k: v.shape for k, v in pol.model.state_dict().items()} == {k: v.shape for k, v in ref.items()}

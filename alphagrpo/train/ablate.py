@@ -31,7 +31,7 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
               world=None) -> dict:
     """Train and evaluate every variant of ``study`` for each seed. Returns the table as a dict."""
     from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.train.common import atomic_dir, load_policy
     from alphagrpo.train.config import apply_overrides, get_recipe
     from alphagrpo.train.evaluate import evaluate
     from alphagrpo.train.refine import refine
@@ -58,8 +58,9 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
             cfg = apply_overrides(get_recipe(recipe), list(extra) + sets + [f"steps={steps}", f"seed={seed}",
                                                                             "ckpt_every=0"])
             cfg.data = base.data
-            _, policy = train(cfg, world, out / f"{name.replace(' ', '_')}_s{seed}",
-                              policy=load_policy(checkpoint or cfg.init, cfg.device, world))
+            run_dir = out / f"{name.replace(' ', '_')}_s{seed}"
+            _, policy = train(cfg, world, run_dir, policy=load_policy(checkpoint or cfg.init, cfg.device, world))
+            atomic_dir(run_dir / "policy", policy.save_pretrained)  # e.g. for `alphagrpo refine --checkpoint`
             reward = DVReward(world.verifier)
             if study == "fpr":
                 row = _refine_row(seed, refine(policy, reward, test, rounds=1, judge=world.judge, **_eval_kw(cfg, seed)))
@@ -92,14 +93,17 @@ def _pm(v: dict, key: str) -> str:
 def _refine_row(seed, res) -> dict:
     """Accuracy/reward after one refinement round, with the initial images' accuracy beside them."""
     h0, h1 = res.history[0], res.history[-1]
+    split = (h1.get("drawn_accuracy_given_thought") or {}) if len(res.history) > 1 else {}
     return {"seed": seed, "accuracy": h1["accuracy"], "reward": h1["reward"], "initial_accuracy": h0["accuracy"],
-            "initial_reward": h0["reward"], "reflect_rate": h1.get("thought") if len(res.history) > 1 else None}
+            "initial_reward": h0["reward"], "reflect_rate": h1.get("thought") if len(res.history) > 1 else None,
+            "redraw_accuracy_diagnosed": split.get("thought"), "redraw_accuracy_undiagnosed": split.get("direct")}
 
 
 def _agg(runs):
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
     out = {}
-    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward", "reflect_rate"):
+    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward", "reflect_rate",
+                "redraw_accuracy_diagnosed", "redraw_accuracy_undiagnosed"):
         if key in runs[0] and all(r.get(key) is not None for r in runs):
             v = [r[key] for r in runs]
             out[f"{key}_mean"], out[f"{key}_sd"] = statistics.mean(v), sd(v)
@@ -124,10 +128,12 @@ def run(args) -> int:
                   extra=args.set, checkpoint=args.checkpoint)
     title = f"ablation '{args.study}' ({len(seeds)} seeds, {args.steps} steps, {args.eval_n} held-out prompts)"
     if args.study == "fpr":
+        opt = (lambda v, k: _pm(v, k) if f"{k}_mean" in v else "-")
         print_table(title, [(k, _pm(v, "initial_accuracy"), _pm(v, "accuracy"), _pm(v, "reward"),
-                             _pm(v, "reflect_rate") if "reflect_rate_mean" in v else "-")
-                            for k, v in t["variants"].items()],
-                    ("variant", "initial accuracy", "refined accuracy", "refined reward", "writes a diagnosis"))
+                             opt(v, "reflect_rate"), opt(v, "redraw_accuracy_diagnosed"),
+                             opt(v, "redraw_accuracy_undiagnosed")) for k, v in t["variants"].items()],
+                    ("variant", "initial accuracy", "refined accuracy", "refined reward", "writes a diagnosis",
+                     "redraw acc. diagnosed", "redraw acc. undiagnosed"))
     else:
         print_table(title, [(k, _pm(v, "accuracy"), _pm(v, "reward")) for k, v in t["variants"].items()],
                     ("variant", "accuracy", "reward"))

@@ -180,7 +180,8 @@ def format_step(step: int, m: dict) -> str:
     def g(k, fmt="{:.3f}"):
         return fmt.format(m[k]) if k in m else "-"
     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else _rss_gib()
-    return (f"step {step:4d} | reward {g('reward_mean')} ± {g('reward_std')} | loss img {g('loss_image', '{:+.4f}')} "
+    return (f"step {step:4d} | reward {g('reward_mean')} ± {g('reward_std')} | think {g('think_rate', '{:.2f}')} "
+            + (f"impr {g('improved_frac', '{:.2f}')} " if "improved_frac" in m else "") + f"| loss img {g('loss_image', '{:+.4f}')} "
             f"txt {g('loss_text', '{:+.4f}')} | clip img {g('clip_image', '{:.2f}')} txt {g('clip_text', '{:.2f}')} "
             f"| ratio txt {g('ratio_text', '{:.4f}')} img|r-1|max {g('ratio_image_max', '{:.1e}')} "
             f"| gnorm {g('grad_norm')} | t roll {g('time_rollout', '{:.1f}')}s wait {g('time_reward_wait', '{:.1f}')}s "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from alphagrpo.models.policy import CFGConfig, GenRequest
-from alphagrpo.train.evaluate import generate, thought
+from alphagrpo.train.evaluate import generate, think_split, thought
 from alphagrpo.train.trainer import reflection_instruction
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshol
     trace = [[(texts[i], images[i], float(res.rewards[i]), res.semantic[i] + res.quality[i])] for i in range(n)]
     pending = [i for i in range(n) if _needs_refinement(res, i, threshold)]
     used = [0] * n
-    hist = [_round_stats(0, best_img, best_r, records, judge, len(pending), texts)]
+    hist = [_round_stats(0, best_img, best_r, records, judge, len(pending), texts, (images, records))]
     for rnd in range(1, rounds + 1):
         if not pending:
             break
@@ -84,18 +84,24 @@ def refine(policy, reward, records: Sequence[dict], *, rounds: int = 2, threshol
                 best_r[i], best_img[i] = r2.rewards[j], imgs[j]
             if _needs_refinement(r2, j, threshold):
                 still.append(i)
-        hist.append(_round_stats(rnd, best_img, best_r, records, judge, len(pending), th))
+        hist.append(_round_stats(rnd, best_img, best_r, records, judge, len(pending), th, (imgs, sub)))
         pending = still
     return RefineResult(images=best_img, rewards=best_r, rounds_used=used, history=hist, trace=trace)
 
 
-def _round_stats(rnd, images, rewards, records, judge, refined, texts):
+def _round_stats(rnd, images, rewards, records, judge, refined, texts, drawn):
     """``thought``: the fraction of this round's samples whose think text is not empty (round 0: the model reasoned
-    before drawing; later rounds in reflect mode: it wrote a diagnosis before redrawing)."""
+    before drawing; later rounds in reflect mode: it wrote a diagnosis before redrawing). With a judge,
+    ``accuracy`` is that of the best image so far per prompt, and ``drawn_accuracy_given_thought`` that of the
+    images ``drawn`` in this round (``(images, records)``), split by whether their think text was written
+    (``{"thought": .., "direct": ..}``, None for an empty side): does the diagnosis help the redraw?"""
     out = {"round": rnd, "reward": float(rewards.mean()) if len(rewards) else 0.0, "refined": refined,
            "thought": float(np.mean(thought(texts))) if len(texts) else None}
     if judge is not None:
         out["accuracy"] = float(np.mean([judge(im, r) for im, r in zip(images, records)]))
+        if len(texts):
+            ok = [bool(judge(im, r)) for im, r in zip(*drawn)]
+            out["drawn_accuracy_given_thought"] = think_split(texts, ok)["accuracy_given_think"]
     return out
 
 
@@ -180,7 +186,8 @@ def run(args) -> int:
             res = refine(policy, reward, recs, rounds=args.rounds, threshold=args.threshold,
                          num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=seed,
                          batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens, judge=world.judge, mode=mode)
-            h = res.history + [dict(res.history[-1], round=r, refined=0, thought=None)  # stopped early: none left
+            h = res.history + [dict(res.history[-1], round=r, refined=0, thought=None,  # stopped early: none left
+                                    drawn_accuracy_given_thought=None)
                                for r in range(len(res.history), args.rounds + 1)]
             hist[mode][seed] = h
             if mode == "reflect" and seed == seeds[0] and args.figure > 0:
@@ -201,8 +208,12 @@ def run(args) -> int:
             (am, asd), (rm, rsd) = stat(mode, r, "accuracy"), stat(mode, r, "reward")
             row += [f"{am:.3f} ± {asd:.3f}", f"{rm:.3f} ± {rsd:.3f}"]
             th = [hist[mode][s][r]["thought"] for s in seeds if hist[mode][s][r].get("thought") is not None]
+            split = {k: [v[k] for s in seeds for v in [hist[mode][s][r].get("drawn_accuracy_given_thought") or {}]
+                         if v.get(k) is not None] for k in ("thought", "direct")}
             summary.setdefault(mode, []).append({"round": r, "accuracy": am, "reward": rm,
-                                                 "thought": statistics.mean(th) if th else None})
+                                                 "thought": statistics.mean(th) if th else None,
+                                                 "drawn_accuracy_given_thought":
+                                                     {k: statistics.mean(v) if v else None for k, v in split.items()}})
         rows.append(tuple(row))
     head = ("round",) + sum(((f"{m} accuracy", f"{m} reward") for m in modes), ())
     print_table(f"inference-time refinement: best image so far, {len(recs)} held-out prompts, seeds {seeds}",

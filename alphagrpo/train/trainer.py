@@ -30,6 +30,7 @@ from alphagrpo.models.policy import GenRequest, Policy
 from alphagrpo.rewards import DVReward
 from alphagrpo.sampler import sample_flow, sample_sde_window
 from alphagrpo.train.config import TrainConfig
+from alphagrpo.train.evaluate import thought
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Rollout:
     images: Any                    # uint8 [n, H, W, 3]
     reward_future: Any = None
     init_rewards: Optional[torch.Tensor] = None
+    think_texts: Optional[list] = None   # decoded think texts (None: no think)
 
 
 @dataclass
@@ -126,7 +128,8 @@ class GRPOTrainer:
                                noise_level=noise_level, window=window, generator=self.gen, device=self.device)
         images = self.policy.decode(x)
         ro = Rollout(requests=list(requests), think=None if th is None else th.tokens,
-                     think_logp=None if th is None else th.logp, steps=steps, images=images)
+                     think_logp=None if th is None else th.logp, steps=steps, images=images,
+                     think_texts=None if th is None else list(th.texts))
         ro.reward_future = self.pool.submit(self._score, images, list(records))
         return ro
 
@@ -263,6 +266,9 @@ class GRPOTrainer:
         adv = adv_all[rank * rewards.numel():(rank + 1) * rewards.numel()].to(self.device)
         metrics = {"reward_mean": float(raw.mean()), "reward_std": float(raw.std(correction=0)),
                    "srr": int(srr), "samples": rewards.numel()}
+        texts = [t for ro in chunks if ro.think_texts is not None for t in ro.think_texts]
+        if texts:  # how often the policy wrote a think text (RT2I: reasoned; SRR: wrote a diagnosis)
+            metrics["think_rate"] = float(sum(thought(texts)) / len(texts))
         if srr:
             improved = raw > init
             metrics["improved_frac"] = float(improved.float().mean())
