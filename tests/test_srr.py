@@ -191,6 +191,14 @@ def test_resample_control_draws_fresh_text_to_image_samples_and_keeps_the_best(m
         refine(micro_policy(0), Scripted([0.9]), world.test, mode="bestof")
 
 
+def test_redraw_accuracy_weights_diagnosed_and_undiagnosed_redraws_by_the_diagnosis_rate():
+    from alphagrpo.train.ablate import redraw_accuracy
+    row = {"reflect_rate": 0.25, "redraw_accuracy_diagnosed": 0.6, "redraw_accuracy_undiagnosed": 0.2}
+    assert redraw_accuracy(row) == pytest.approx(0.25 * 0.6 + 0.75 * 0.2)
+    assert redraw_accuracy(dict(row, reflect_rate=1.0, redraw_accuracy_undiagnosed=None)) == 0.6
+    assert redraw_accuracy(dict(row, reflect_rate=None)) is None       # no refinement round was run
+
+
 def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_path):
     import json
 
@@ -224,7 +232,7 @@ def test_fpr_study_reports_initial_and_refined_accuracy_with_the_start_checkpoin
         assert run["accuracy"] >= run["initial_accuracy"] and run["reward"] >= run["initial_reward"]
         assert run["reflect_rate"] is None or 0.0 <= run["reflect_rate"] <= 1.0
         assert ("reflect_rate_mean" in v) == (run["reflect_rate"] is not None)
-        for k in ("redraw_accuracy_diagnosed", "redraw_accuracy_undiagnosed"):
+        for k in ("redraw_accuracy", "redraw_accuracy_diagnosed", "redraw_accuracy_undiagnosed"):
             assert run[k] is None or 0.0 <= run[k] <= 1.0
     for name in ("fpr_on_s0", "fpr_off_s0"):   # each trained policy is kept, loadable for `refine --checkpoint`
         from alphagrpo.train.common import load_policy

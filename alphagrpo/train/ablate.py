@@ -94,15 +94,27 @@ def _refine_row(seed, res) -> dict:
     """Accuracy/reward after one refinement round, with the initial images' accuracy beside them."""
     h0, h1 = res.history[0], res.history[-1]
     split = (h1.get("drawn_accuracy_given_thought") or {}) if len(res.history) > 1 else {}
-    return {"seed": seed, "accuracy": h1["accuracy"], "reward": h1["reward"], "initial_accuracy": h0["accuracy"],
-            "initial_reward": h0["reward"], "reflect_rate": h1.get("thought") if len(res.history) > 1 else None,
-            "redraw_accuracy_diagnosed": split.get("thought"), "redraw_accuracy_undiagnosed": split.get("direct")}
+    rate = h1.get("thought") if len(res.history) > 1 else None
+    row = {"seed": seed, "accuracy": h1["accuracy"], "reward": h1["reward"], "initial_accuracy": h0["accuracy"],
+           "initial_reward": h0["reward"], "reflect_rate": rate,
+           "redraw_accuracy_diagnosed": split.get("thought"), "redraw_accuracy_undiagnosed": split.get("direct")}
+    row["redraw_accuracy"] = redraw_accuracy(row)
+    return row
+
+
+def redraw_accuracy(row: dict):
+    """Accuracy of the refined images themselves (not the best so far), over the prompts that were refined:
+    the diagnosed and undiagnosed redraws weighted by how often a diagnosis was written."""
+    rate, yes, no = row.get("reflect_rate"), row.get("redraw_accuracy_diagnosed"), row.get("redraw_accuracy_undiagnosed")
+    if rate is None or (yes is None and no is None):
+        return None
+    return rate * (yes or 0.0) + (1.0 - rate) * (no or 0.0)
 
 
 def _agg(runs):
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
     out = {}
-    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward", "reflect_rate",
+    for key in ("accuracy", "reward", "initial_accuracy", "initial_reward", "reflect_rate", "redraw_accuracy",
                 "redraw_accuracy_diagnosed", "redraw_accuracy_undiagnosed"):
         if key in runs[0] and all(r.get(key) is not None for r in runs):
             v = [r[key] for r in runs]
@@ -130,10 +142,10 @@ def run(args) -> int:
     if args.study == "fpr":
         opt = (lambda v, k: _pm(v, k) if f"{k}_mean" in v else "-")
         print_table(title, [(k, _pm(v, "initial_accuracy"), _pm(v, "accuracy"), _pm(v, "reward"),
-                             opt(v, "reflect_rate"), opt(v, "redraw_accuracy_diagnosed"),
+                             opt(v, "reflect_rate"), opt(v, "redraw_accuracy"), opt(v, "redraw_accuracy_diagnosed"),
                              opt(v, "redraw_accuracy_undiagnosed")) for k, v in t["variants"].items()],
                     ("variant", "initial accuracy", "refined accuracy", "refined reward", "writes a diagnosis",
-                     "redraw acc. diagnosed", "redraw acc. undiagnosed"))
+                     "redraw accuracy", "diagnosed", "undiagnosed"))
     else:
         print_table(title, [(k, _pm(v, "accuracy"), _pm(v, "reward")) for k, v in t["variants"].items()],
                     ("variant", "accuracy", "reward"))
