@@ -38,14 +38,20 @@ def test_fpr_in_the_trainer_never_rewards_a_non_improving_refinement():
 
 
 def test_srr_step_reports_how_often_a_diagnosis_was_written():
-    from alphagrpo.train.evaluate import thought
-    tr, world = make_trainer(srr_cfg(), seed=2)
+    import dataclasses
+    tr, world = make_trainer(srr_cfg(**{"micro_batch": "3"}), seed=2)   # 8 refinements in chunks of 3, 3, 2
+    sample = tr.policy.sample_think
+
+    def blank_some(requests, **kw):   # the micro policy always writes; blank every other text (one also just spaces)
+        th = sample(requests, **kw)
+        texts = [("" if i % 3 == 0 else "  ") if i % 2 == 0 else t for i, t in enumerate(th.texts)]
+        return dataclasses.replace(th, texts=texts)
+    tr.policy.sample_think = blank_some
     m = tr.step(world.train[:2])
     chunks = tr.last_rollout[0]
-    texts = [t for ro in chunks for t in ro.think_texts]
-    assert len(texts) == m["samples"] == 8
-    assert m["think_rate"] == sum(thought(texts)) / 8
-    assert all(len(t) > 1 for ro in chunks for t, s in zip(ro.think, ro.think_texts) if s.strip())
+    assert [len(ro.think_texts) for ro in chunks] == [3, 3, 2]
+    written = sum(bool(t.strip()) for ro in chunks for t in ro.think_texts)
+    assert written == 3 and m["samples"] == 8 and m["think_rate"] == 3 / 8
     tr.close()
 
 
