@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alphagrpo.models.policy import CFGConfig, GenRequest, TextReplay, ThinkSample
+from alphagrpo.models.policy import CFGConfig, GenRequest, PolicyBase, TextReplay, ThinkSample
 from alphagrpo.models.tiny_umm import TinyUMM, TinyUMMConfig
 from alphagrpo.models.tokenizer import WordTokenizer
 
@@ -48,14 +49,18 @@ class Condition:
     cfg: CFGConfig
 
 
-class TinyUMMPolicy:
-    """Implements ``alphagrpo.models.policy.Policy`` for ``TinyUMM`` with a ``WordTokenizer``."""
+class TinyUMMPolicy(PolicyBase):
+    """Implements ``alphagrpo.models.policy.Policy`` for ``TinyUMM`` with a ``WordTokenizer`` (registered as
+    ``model.kind=tiny_umm``)."""
 
-    def __init__(self, model: TinyUMM, tokenizer: WordTokenizer):
+    has_think = True
+
+    def __init__(self, model: TinyUMM, tokenizer: WordTokenizer, source: Optional[str] = None):
         if model.cfg.vocab_size != len(tokenizer):
             raise ValueError(f"model vocab_size {model.cfg.vocab_size} != tokenizer size {len(tokenizer)}")
         self.model, self.tok = model, tokenizer
         self.lora: Optional[dict] = None       # the adapters' settings while LoRA is enabled
+        self.source = source                   # the full checkpoint folder the base weights came from, if any
         c = model.cfg
         self.latent_shape = (c.channels, c.image_size, c.image_size)
 
@@ -65,32 +70,63 @@ class TinyUMMPolicy:
         tok = WordTokenizer(words)
         return cls(TinyUMM(TinyUMMConfig(vocab_size=len(tok), **model_kwargs)), tok)
 
+    def modules_for_lora(self) -> torch.nn.Module:
+        return self.model
+
+    def check_vocabulary(self, words: Sequence[str]) -> None:
+        """Refuse a world whose prompts use words this tokenizer lacks (a checkpoint of another world), naming them."""
+        missing = sorted(w for w in set(words) if w not in self.tok.stoi)
+        if missing:
+            raise ValueError(f"the TinyUMM checkpoint {self.source or '(in memory)'} does not cover this world's "
+                             f"vocabulary (missing {len(missing)} words, e.g. {missing[:6]}); it was pretrained for "
+                             "another world or plan format. Pretrain one with `alphagrpo pretrain --recipe RECIPE "
+                             "--out DIR` and pass it as model.path")
+
     def save_pretrained(self, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
-        """Write ``model.safetensors`` and ``config.json`` into ``path``, atomically (temp dir, then rename)."""
+        """Write the policy into folder ``path``, atomically (temp dir, then rename). Full weights:
+        ``model.safetensors`` + ``config.json``. With LoRA on, peft's ``adapter_model.safetensors`` +
+        ``adapter_config.json`` and, in ``config.json``, a pointer to the base checkpoint folder (no copy of the base
+        weights); a policy built in memory, with no base folder to point at, writes its base weights beside them."""
         from safetensors.torch import save_file
+
+        from alphagrpo.models.lora import adapter_config, adapter_state_dict, base_state_dict
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
         meta = {"format": FORMAT, "model": self.model.cfg.to_dict(), "tokenizer": json.loads(self.tok.to_json()),
                 **(extra or {})}
         if self.lora is not None:
             meta["lora"] = self.lora
+            base = str(Path(self.source).resolve()) if self.source else None
+            meta["base"] = base
+            save_file(adapter_state_dict(self.model), str(tmp / "adapter_model.safetensors"))
+            (tmp / "adapter_config.json").write_text(json.dumps(
+                adapter_config(self.model, self.lora["rank"], self.lora["alpha"], base), indent=1))
+            if base is None:
+                save_file({k: v.detach().contiguous() for k, v in base_state_dict(self.model).items()},
+                          str(tmp / "model.safetensors"))
+        else:
+            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
+                      str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(path, old)
             os.replace(tmp, path)
-            import shutil
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "TinyUMMPolicy":
+        """Load a folder written by ``save_pretrained`` (a LoRA folder loads its base from the folder it points
+        at, then its adapters)."""
         from safetensors.torch import load_file
+
+        from alphagrpo.models.lora import load_adapter_state_dict
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -100,10 +136,19 @@ class TinyUMMPolicy:
             raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}")
         tok = WordTokenizer.from_json(json.dumps(meta["tokenizer"]))
         model = TinyUMM(TinyUMMConfig(**{"patch_pos": "learned", **meta["model"]}))  # older files: learned
-        pol = cls(model, tok)
-        if meta.get("lora"):           # adapters saved unmerged: rebuild them, then load base and adapters
-            pol.enable_lora(**meta["lora"])
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        lora = meta.get("lora")
+        base = meta.get("base") if lora else None
+        if base is not None:
+            if not (Path(base) / "model.safetensors").is_file():
+                raise FileNotFoundError(f"the LoRA checkpoint {path} points at its base model {base}, which is gone; "
+                                        "restore that folder (adapters are saved without the base weights)")
+            if json.loads((Path(base) / "config.json").read_text()).get("lora"):
+                raise ValueError(f"the base {base} of {path} is itself a LoRA checkpoint; point at a full one")
+        pol = cls(model, tok, source=base if lora else str(path))
+        model.load_state_dict(load_file(str(Path(base or path) / "model.safetensors")))
+        if lora:                       # adapters saved unmerged: rebuild them, then load their weights
+            pol.enable_lora(**lora)
+            load_adapter_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
         return pol
 
     def enable_lora(self, rank: int, alpha: float, targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> None:
@@ -111,11 +156,12 @@ class TinyUMMPolicy:
         experts' attention and MLP layers); ``trainable_parameters`` then returns the adapters only. Saved
         checkpoints keep the adapters unmerged and reload with them; ``merge_lora`` folds them in."""
         from alphagrpo.models.lora import add_lora
+        targets = tuple(targets) or LORA_TARGETS
         add_lora(self.model, rank, alpha, targets, seed=seed)
         self.lora = {"rank": int(rank), "alpha": float(alpha), "targets": list(targets), "seed": int(seed)}
 
     def merge_lora(self) -> None:
-        """Fold the adapters into the weights; the whole model trains again."""
+        """Fold the adapters into the weights; the whole model trains again (and saves as a full checkpoint)."""
         from alphagrpo.models.lora import merge_lora
         merge_lora(self.model)
         self.lora = None
@@ -184,6 +230,10 @@ class TinyUMMPolicy:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     # ---------------------------------------------------------------- text
     @torch.no_grad()
@@ -367,3 +417,19 @@ class TinyUMMPolicy:
         v = self.model.velocity(xt, sigma, kvs, valid)
         flow = F.mse_loss(v.float(), noise - x0)
         return lm, flow
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "tinyumm_shapes"
+
+
+def load_tiny_umm(model, path: Optional[str], device: str) -> TinyUMMPolicy:
+    """``model.kind=tiny_umm``: a TinyUMM checkpoint folder (default: the one shipped in the package)."""
+    p = Path(path) if path else SHIPPED
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint at {p}; run `alphagrpo pretrain --recipe tiny_shapes --out {p}` "
+                                "or set model.path to a TinyUMM checkpoint folder")
+    pol = TinyUMMPolicy.from_pretrained(p)
+    if model.dtype != "float32":
+        pol.model.to(getattr(torch, model.dtype))
+    pol.model.to(device)
+    return pol
