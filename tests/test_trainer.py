@@ -69,7 +69,8 @@ def test_trainer_uses_only_the_policy_protocol(tmp_path):
             self._inner = inner
             self.latent_shape = inner.latent_shape
             for name in ("sample_think", "think_replay", "image_condition", "velocity", "decode", "encode",
-                         "trainable_parameters", "save_pretrained"):
+                         "trainable_parameters", "save_pretrained", "has_think", "lora", "device", "dtype",
+                         "reference", "enable_lora", "merge_lora", "sigmas", "shard_modules"):
                 setattr(self, name, getattr(inner, name))
 
     pol = OnlyProtocol(micro_policy(2))
