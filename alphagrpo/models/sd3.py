@@ -100,11 +100,6 @@ def expand_targets(targets: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def targets_regex(patterns: Sequence[str]) -> str:
-    """One regex that peft matches against full module names (a str ``target_modules`` is a full-match regex)."""
-    return "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
-
-
 @dataclass
 class SD3Condition:
     """The detached text conditioning of a batch: ``embeds [k*n, L, D]`` / ``pooled [k*n, P]`` stacked branch-major
@@ -334,7 +329,7 @@ class SD3Policy(PolicyBase):
                              f"layers are named like {linear[5:9]}; named sets: {sorted(TARGET_SETS)}")
         tr.requires_grad_(False)
         config = LoraConfig(r=int(rank), lora_alpha=float(alpha), init_lora_weights="gaussian",
-                            target_modules=targets_regex(patterns), lora_dropout=0.0)
+                            target_modules=names, lora_dropout=0.0)   # exact names: linear layers only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             tr.add_adapter(config)
