@@ -53,6 +53,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,9 +476,11 @@ def load_sd3(model, path: Optional[str], device: str) -> SD3Policy:
     if unknown:
         raise ValueError(f"unknown model.options for sd3: {unknown}; known: {sorted(known)}")
     dtype = getattr(torch, model.dtype)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(base), dtype={"default": dtype, "vae": torch.float32})
-    if meta and meta.get("transformer"):
-        pipe.transformer = SD3Transformer2DModel.from_pretrained(str(p / "transformer"), dtype=dtype)
+    with warnings.catch_warnings():   # newer diffusers rename torch_dtype to dtype; both load the same
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(base), torch_dtype={"default": dtype, "vae": torch.float32})
+        if meta and meta.get("transformer"):
+            pipe.transformer = SD3Transformer2DModel.from_pretrained(str(p / "transformer"), torch_dtype=dtype)
     pol = SD3Policy(pipe, base=str(base), resolution=int(opts.get("resolution", DEFAULT_RESOLUTION)),
                     max_text_tokens=model.max_text_tokens or DEFAULT_TEXT_TOKENS, dtype=dtype, device=device,
                     gradient_checkpointing=model.gradient_checkpointing, attention=model.attention,
