@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU check for an NVIDIA H100/H200 without internet, within 8 minutes:
+# One prepared GPU check for an NVIDIA H100/H200 without internet, within 9 minutes:
 #   1. the CUDA tests (pytest -m cuda over tests/),
 #   2. the verifier benchmark (python -m bench.verifier, when bench/verifier.py exists),
-#   3. the kernel benchmarks (python -m bench.kernels, full shapes).
+#   3. the kernel benchmarks (python -m bench.kernels, full shapes),
+#   then the SD3 throughput check (python -m bench.sd3_smoke --random-shape: a randomly initialised transformer of
+#   SD3.5-Medium's shape, no weights needed; 90 s at most; "skipped" without diffusers/peft; SKIP_SD3=1 skips it).
 # Everything goes to $OUT when set (else bench/results/gpu_check/); bench.kernels also writes
-# bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 s) keep the whole run under 8 minutes.
+# bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 + 90 s) keep the whole run under 9 minutes.
 # The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
 # Usage: bash bench/gpu_check.sh        (PY=/path/to/python to pick the interpreter)
 #        SWEEP=1 SKIP_VERIFIER=1 bash bench/gpu_check.sh   (also time the AR kernel's tile candidates)
@@ -82,7 +84,21 @@ timeout 220 "$PY" -m bench.kernels --time-budget 170 --out "$OUT_DIR/kernels.jso
   > "$OUT_DIR/kernels.txt" 2> "$OUT_DIR/kernels.stderr.txt"
 RC_KERNELS=$?
 
-log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, kernels rc=$RC_KERNELS (outputs in $OUT_DIR)"
+RC_SD3="not run (SKIP_SD3=1)"
+if [ "${SKIP_SD3:-0}" != 1 ]; then
+  if "$PY" -c "import diffusers, peft" 2>/dev/null; then
+    log "sd3: SD3.5-Medium-shaped random transformer, rollout/replay throughput and memory at 512 px (timeout 90 s)"
+    timeout 90 "$PY" -m bench.sd3_smoke --random-shape --time-budget 60 --out "$OUT_DIR/sd3_random_shape.json" \
+      > "$OUT_DIR/sd3_random_shape.txt" 2>&1
+    RC_SD3=$?
+    tail -c 1500 "$OUT_DIR/sd3_random_shape.txt"; echo
+  else
+    RC_SD3="skipped (diffusers/peft not installed: pip install 'alphagrpo[diffusers]')"
+    log "sd3: $RC_SD3"
+  fi
+fi
+
+log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, kernels rc=$RC_KERNELS, sd3 rc=$RC_SD3 (outputs in $OUT_DIR)"
 tail -n 3 "$OUT_DIR/kernels.stderr.txt" 2>/dev/null
 if [ -s "$OUT_DIR/kernels.txt" ]; then
   tail -n 1 "$OUT_DIR/kernels.txt"                                 # the JSON line

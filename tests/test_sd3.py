@@ -359,3 +359,21 @@ def test_encode_decode_round_trip_uses_model_space(tiny_dir):
     assert np.array_equal(pol.decode(z), expect)
     with pytest.raises(ValueError, match="multiples of 16"):
         pol.encode(np.zeros((1, 40, 40, 3), np.uint8))
+
+
+def test_sd35_medium_shape_has_the_documented_lora_sizes():
+    """ADAPTERS.md's counts on SD3.5-Medium's real shape (built on the meta device: no memory, no weights)."""
+    from diffusers import SD3Transformer2DModel
+
+    from alphagrpo.models.sd3 import lora_target_names
+    from alphagrpo.models.sd3_testing import SD35_MEDIUM_TRANSFORMER
+    with torch.device("meta"):
+        tr = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+    assert abs(sum(p.numel() for p in tr.parameters()) / 1e9 - 2.243) < 0.001
+    mods = dict(tr.named_modules())
+    sizes = {}
+    for t in ((), ("all",)):
+        names = lora_target_names(tr, t)
+        sizes[t] = (len(names), sum(32 * (mods[n].in_features + mods[n].out_features) for n in names) / 1e6)
+    assert sizes[()][0] == 191 and abs(sizes[()][1] - 18.8) < 0.05
+    assert sizes[("all",)][0] == 337 and abs(sizes[("all",)][1] - 47.0) < 0.05

@@ -101,6 +101,13 @@ def expand_targets(targets: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def lora_target_names(transformer: torch.nn.Module, targets: Sequence[str] = ()) -> list[str]:
+    """The linear layers of ``transformer`` that ``targets`` (named sets and/or fnmatch patterns) select."""
+    patterns = expand_targets(targets)
+    return [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
 @dataclass
 class SD3Condition:
     """The detached text conditioning of a batch: ``embeds [k*n, L, D]`` / ``pooled [k*n, P]`` stacked branch-major
@@ -320,10 +327,8 @@ class SD3Policy(PolicyBase):
             raise ValueError("this policy already has LoRA adapters; merge_lora() them first or keep training them")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        patterns = expand_targets(targets)
         tr = self.transformer
-        names = [n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)
-                 and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        names = lora_target_names(tr, targets)
         if not names:
             linear = [n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)]
             raise ValueError(f"no linear layer of the SD3 transformer matches the LoRA targets {list(targets)}; "

@@ -47,11 +47,22 @@ def tiny_tokenizers():
     return clip, t5
 
 
+# The transformer of stable-diffusion-3.5-medium (its transformer/config.json): 2.24B parameters.
+SD35_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                               attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                               caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                               dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+
 def tiny_sd3_pipeline(path=None, *, seed: int = 0, resolution: int = 32, heads: int = 2, head_dim: int = 8,
-                      layers: int = 2):
+                      layers: int = 2, transformer: dict | None = None, device="cpu"):
     """Build the tiny random pipeline (weights drawn from ``seed``); with ``path``, also save it there. Returns the
-    pipeline (float32, on the CPU, every model in ``eval()``). ``resolution`` sets the transformer's ``sample_size``
-    (any multiple of 16 up to 256 px works, through the position-embedding crop)."""
+    pipeline (float32, every model in ``eval()``). ``resolution`` sets the transformer's ``sample_size`` (any
+    multiple of 16 up to 256 px works, through the position-embedding crop).
+
+    ``transformer``: a full ``SD3Transformer2DModel`` config instead (e.g. ``SD35_MEDIUM_TRANSFORMER``: a randomly
+    initialised transformer of the real shape, for throughput and memory measurements); it is built directly on
+    ``device`` and the tiny encoders are widened to match its ``joint_attention_dim`` / ``pooled_projection_dim``."""
     _require()
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -60,6 +71,8 @@ def tiny_sd3_pipeline(path=None, *, seed: int = 0, resolution: int = 32, heads: 
     clip_width, proj = 8, 8
     inner = heads * head_dim
     joint = max(inner, 2 * clip_width)          # T5 width: at least the two CLIP widths summed (zero-padded to it)
+    if transformer is not None:
+        joint, proj = transformer["joint_attention_dim"], transformer["pooled_projection_dim"] // 2
 
     def clip_model(s):
         torch.manual_seed(seed * 100 + s)
@@ -71,16 +84,18 @@ def tiny_sd3_pipeline(path=None, *, seed: int = 0, resolution: int = 32, heads: 
 
     te1, te2 = clip_model(1), clip_model(2)
     torch.manual_seed(seed * 100 + 3)
-    te3 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=joint, d_kv=4, d_ff=2 * joint, num_layers=2,
+    te3 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=joint, d_kv=4, d_ff=min(2 * joint, 64), num_layers=2,
                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
                                   pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
                                   decoder_start_token_id=t5_tok.pad_token_id)).eval()
     torch.manual_seed(seed * 100 + 4)
-    transformer = SD3Transformer2DModel(
+    config = transformer or dict(
         sample_size=resolution // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint,
         caption_projection_dim=inner, pooled_projection_dim=2 * proj, pos_embed_max_size=16,
-        dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+        dual_attention_layers=(0,), qk_norm="rms_norm")
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**config).eval()
     torch.manual_seed(seed * 100 + 5)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
