@@ -184,6 +184,13 @@ def test_cfg_interval_and_renorm_follow_the_config(tiny_dir):
     # sigma outside (low, high]: the conditional branch alone
     out = velocity(pol, x, 0.3, PROMPTS[:2], CFGConfig(text_scale=4.5, low=0.4, high=1.0, renorm=False))
     assert torch.allclose(out, v_c, atol=1e-6)
+    # per-sample sigmas: CFG only for the samples inside the interval
+    mixed = velocity(pol, x, torch.tensor([0.3, 0.7]), PROMPTS[:2],
+                     CFGConfig(text_scale=4.5, low=0.4, high=1.0, renorm=False))
+    v_c7 = velocity(pol, x, 0.7, PROMPTS[:2], CFGConfig(text_scale=1.0, renorm=False))
+    v_u7 = velocity(pol, x, 0.7, ["", ""], CFGConfig(text_scale=1.0, renorm=False))
+    assert torch.allclose(mixed[0], v_c[0], atol=1e-6)
+    assert torch.allclose(mixed[1], (v_u7 + 4.5 * (v_c7 - v_u7))[1], atol=1e-5)
     # renorm: |v| never exceeds |v_cond| per sample
     r = velocity(pol, x, 0.3, PROMPTS[:2], CFGConfig(text_scale=4.5, low=0.0, high=1.0, renorm=True))
     assert (r.flatten(1).norm(dim=1) <= v_c.flatten(1).norm(dim=1) * (1 + 1e-5)).all()

@@ -17,9 +17,10 @@ Conventions (checked against the stock pipeline in ``tests/test_sd3.py``):
   batch composition (two separate forwards differ by ~2e-6). Flow-GRPO's setting: scale 4.5 at every step, no
   renorm (``cfg.text_scale=4.5, cfg.low=0, cfg.high=1, cfg.renorm=False``).
 - Prompt encodings (two CLIPs + T5, ``max_sequence_length = model.max_text_tokens`` or 256) are cached per prompt
-  (an LRU of ``prompt_cache`` entries, option, default 256). The text encoders are frozen in every mode, so a cached
-  encoding is exact: rollout encodes each new prompt once, and replay's ``image_condition`` call finds every prompt
-  in the cache, so T5 never runs in the training pass (``encode_calls`` counts encoder runs; a test checks it).
+  on the device (an LRU of ``prompt_cache`` entries, option, default 64; about 2.7 MB each at 256 T5 tokens in
+  bf16). The text encoders are frozen in every mode, so a cached encoding is exact: rollout encodes each new prompt
+  once (all missing prompts of a call in one batch), and replay's ``image_condition`` finds every prompt in the
+  cache, so T5 never runs in the training pass (``encode_calls`` counts encoder batches; a test hooks T5 itself).
 - Grids: ``sigmas(N, shift)`` is the pipeline scheduler's grid (``sampler.grid=scheduler``), built from a copy of
   its config with ``shift`` (SD3.5 ships 3.0): ``set_timesteps(N)`` spaces N timesteps linearly from 1 to the
   scheduler's smallest TRAINING sigma, which is already shifted (1/1000 -> ~0.003), and then shifts them again, then
@@ -128,7 +129,7 @@ class SD3Policy(PolicyBase):
     def __init__(self, pipe, *, base: Optional[str] = None, resolution: int = DEFAULT_RESOLUTION,
                  max_text_tokens: int = DEFAULT_TEXT_TOKENS, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", gradient_checkpointing: bool = False, attention: str = "sdpa",
-                 prompt_cache: int = 256):
+                 prompt_cache: int = 64):
         _diffusers()
         if resolution % 16:
             raise ValueError(f"SD3 resolution must be a multiple of 16 (VAE factor 8 x patch 2), got {resolution}; "
@@ -460,7 +461,7 @@ def load_sd3(model, path: Optional[str], device: str) -> SD3Policy:
     """``model.kind=sd3``: a local ``StableDiffusion3Pipeline`` folder, or a folder ``SD3Policy.save_pretrained``
     wrote (adapters or a trained transformer, plus a pointer to the pipeline folder). Settings from ``model``:
     ``dtype``, ``gradient_checkpointing``, ``attention``, ``max_text_tokens`` (0: 256) and the options
-    ``resolution`` (default 512) and ``prompt_cache`` (default 256)."""
+    ``resolution`` (default 512) and ``prompt_cache`` (default 64)."""
     _diffusers()
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     if not path:
@@ -489,7 +490,7 @@ def load_sd3(model, path: Optional[str], device: str) -> SD3Policy:
     pol = SD3Policy(pipe, base=str(base), resolution=int(opts.get("resolution", DEFAULT_RESOLUTION)),
                     max_text_tokens=model.max_text_tokens or DEFAULT_TEXT_TOKENS, dtype=dtype, device=device,
                     gradient_checkpointing=model.gradient_checkpointing, attention=model.attention,
-                    prompt_cache=int(opts.get("prompt_cache", 256)))
+                    prompt_cache=int(opts.get("prompt_cache", 64)))
     if meta and meta.get("lora"):
         lo = meta["lora"]
         pol.enable_lora(lo["rank"], lo["alpha"], tuple(lo.get("targets") or ()), seed=lo.get("seed", 0))
