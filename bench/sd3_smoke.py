@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -168,7 +169,9 @@ def adapter_round_trip(pol, base: str) -> dict:
         with torch.no_grad():
             v_ours = ours.velocity(x, 0.6, ours.image_condition([GenRequest(PROMPT)] * 2, None, cfg))
         del ours
-        pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=pol.dtype).to(dev)
+        with warnings.catch_warnings():   # newer diffusers rename torch_dtype to dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=pol.dtype).to(dev)
         pipe.load_lora_weights(d + "/a")
         with torch.no_grad():
             t = torch.full((4,), 600.0, device=dev)

@@ -242,7 +242,8 @@ def test_lora_target_sets(tiny_dir):
     assert len(counts[("dual_attention",)]) == 4 and all(".attn2." in n for n in counts[("dual_attention",)])
     # + attn2 of the dual block (4) + ff/ff_context of block 0 (4) + ff of the last block (2; no ff_context)
     assert len(counts[("all",)]) == 25
-    assert counts[("transformer_blocks.0.ff.*",)] == ["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
+    assert counts[("transformer_blocks.0.ff.*",)] == ["transformer_blocks.0.ff.net.0.proj",
+                                                      "transformer_blocks.0.ff.net.2"]
     assert set(TARGET_SETS) == {"joint_attention", "dual_attention", "feed_forward", "all"}
     with pytest.raises(ValueError, match="no linear layer"):
         load(tiny_dir).enable_lora(2, 4.0, targets=("nothing.*",))

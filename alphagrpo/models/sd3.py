@@ -320,7 +320,7 @@ class SD3Policy(PolicyBase):
         return (z.float() - vae.config.shift_factor) * vae.config.scaling_factor
 
     # ---------------------------------------------------------------- LoRA
-    def enable_lora(self, rank: int, alpha: float, targets: Sequence[str] = (), seed: int = 0) -> None:
+    def enable_lora(self, rank: int = 32, alpha: float = 64.0, targets: Sequence[str] = (), seed: int = 0) -> None:
         """Freeze the transformer and train rank-``rank`` peft adapters (Gaussian init from ``seed``, float32) on
         ``targets`` (named sets and/or fnmatch patterns; empty: the joint-attention projections)."""
         from peft import LoraConfig

@@ -64,7 +64,8 @@ def tiny_sd3_pipeline(path=None, *, seed: int = 0, resolution: int = 32, heads: 
     initialised transformer of the real shape, for throughput and memory measurements); it is built directly on
     ``device`` and the tiny encoders are widened to match its ``joint_attention_dim`` / ``pooled_projection_dim``."""
     _require()
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tok, t5_tok = tiny_tokenizers()
