@@ -387,3 +387,15 @@ def test_sd35_medium_shape_has_the_documented_lora_sizes():
         sizes[t] = (len(names), sum(32 * (mods[n].in_features + mods[n].out_features) for n in names) / 1e6)
     assert sizes[()][0] == 191 and abs(sizes[()][1] - 18.8) < 0.05
     assert sizes[("all",)][0] == 337 and abs(sizes[("all",)][1] - 47.0) < 0.05
+
+
+def test_prompt_cache_keeps_recent_prompts_and_warns_on_a_re_encode(tiny_dir, caplog):
+    pol = load_sd3(ModelConfig(kind="sd3", options=(f"resolution={RES}", "prompt_cache=2")), str(tiny_dir), "cpu")
+    e1, _ = pol.encode_prompts(["a", "b", "c"])      # one call may exceed the capacity: all three stay for it
+    assert pol.encode_calls == 1 and len(pol._cache) == 3
+    pol.encode_prompts(["c", "d"])                    # "a" and "b" are the oldest: evicted
+    assert pol.encode_calls == 2 and list(pol._cache) == ["c", "d"]
+    with caplog.at_level("WARNING", logger="alphagrpo.models.sd3"):
+        e2, _ = pol.encode_prompts(["a"])
+    assert pol.encode_calls == 3 and "prompt_cache" in caplog.text
+    assert torch.allclose(e2[0], e1[0], atol=1e-6)

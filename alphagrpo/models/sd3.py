@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -64,6 +65,8 @@ import numpy as np
 import torch
 
 from alphagrpo.models.policy import CFGConfig, GenRequest, PolicyBase
+
+log = logging.getLogger(__name__)
 
 FORMAT = "alphagrpo.sd3/v1"
 EXTRA = "pip install 'alphagrpo[diffusers]'"
@@ -153,6 +156,8 @@ class SD3Policy(PolicyBase):
         self.encode_calls = 0                      # text-encoder batches run (the T5-in-replay check)
         self._cache: OrderedDict = OrderedDict()   # prompt -> (embeds [L, D], pooled [P])
         self._cache_size = int(prompt_cache)
+        self._evicted: set = set()                 # prompts dropped from the cache (a re-encode warns once)
+        self._warned = False
         self._ref_depth = 0
         for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae, tr):
             if m is not None:
@@ -224,6 +229,13 @@ class SD3Policy(PolicyBase):
         """``(embeds [n, 77 + L, D], pooled [n, P])`` in the transformer's dtype, from the cache; the missing
         prompts are encoded together in one batch (the pipeline's own ``encode_prompt``)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        again = [p for p in missing if p in self._evicted]
+        if again and not self._warned:
+            self._warned = True
+            log.warning("SD3 prompt encodings were evicted and recomputed (e.g. %r): a replay that re-encodes a "
+                        "prompt in another batch may differ from its rollout in the last bits; raise model.options "
+                        "prompt_cache=N above the distinct prompts of a step (now %d)", again[0][:60],
+                        self._cache_size)
         if missing:
             emb, _, pooled, _ = self.pipe.encode_prompt(prompt=missing, prompt_2=None, prompt_3=None,
                                                         device=self.device, do_classifier_free_guidance=False,
@@ -237,7 +249,9 @@ class SD3Policy(PolicyBase):
         out_e = torch.stack([self._cache[p][0] for p in prompts])
         out_p = torch.stack([self._cache[p][1] for p in prompts])
         while len(self._cache) > max(self._cache_size, len(set(prompts))):
-            self._cache.popitem(last=False)
+            gone, _ = self._cache.popitem(last=False)
+            if len(self._evicted) < 100_000:
+                self._evicted.add(gone)
         return out_e, out_p
 
     def clear_prompt_cache(self) -> None:
