@@ -244,3 +244,26 @@ def test_auto_mode_prefers_exact_token_ids_and_falls_back_to_top_logprobs(bundle
             v.close()
     assert v.active_mode == "top_logprobs" and all("messages" in b for b in seen)
     assert np.allclose(flat(got), flat(ref), atol=1e-6)
+
+
+def test_cli_top_logprobs_option_reaches_the_server(bundle, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from verifier_engine.cli import build_parser, build_verifier, main
+    for cmd in (["serve"], ["profile"], ["score", "--image", "x.png", "--question", "q"]):
+        args = build_parser().parse_args(cmd + ["--backend", "openai", "--model", "tiny", "--top-logprobs", "7"])
+        v = build_verifier(args)
+        try:
+            assert v.top_logprobs == 7 and v.mode == "auto"
+        finally:
+            v.close()
+    path = str(tmp_path / "a.png")
+    Image.fromarray(random_images(1, (64, 64), seed=3)[0]).save(path)
+    seen = []
+    with serve_in_thread(fake_openai_app(bundle, seen)) as url:
+        assert main(["score", "--backend", "openai", "--model", "tiny", "--base-url", url, "--openai-mode",
+                     "top_logprobs", "--top-logprobs", "3", "--image", path, "--question", "Is it red?"]) == 0
+    assert [b["top_logprobs"] for b in seen] == [3]
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scores"][0]) == 1
