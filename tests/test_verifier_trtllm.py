@@ -403,3 +403,36 @@ def test_names_the_extra_when_tensorrt_llm_is_missing(monkeypatch):
     from verifier_engine.backends.trtllm import TRTLLMVerifier
     with pytest.raises(ImportError, match=r"alphagrpo\[trtllm\]"):
         TRTLLMVerifier("/nonexistent")
+
+
+def test_server_metrics_and_the_profiler_report_the_kv_cache_hit_rate(tiny25, monkeypatch):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from verifier_engine._http import encode_image
+    from verifier_engine.metrics import parse_metrics
+    from verifier_engine.profiler import profile_verifier
+    from verifier_engine.server import create_app
+    install(monkeypatch)
+    v = _load(tiny25)
+    images = random_images(2, (64, 64), seed=12)
+    body = {"images": [encode_image(im) for im in images],
+            "questions": [["Is there a red circle?", "Is it a painting?", "Is the sky blue?"], ["Is it red?"]]}
+    with TestClient(create_app(v, backend="trtllm", model="tiny")) as client:
+        assert client.post("/v1/score", json=body).status_code == 200
+        m = parse_metrics(client.get("/metrics").text)
+    rate = m['verifier_backend_stat{name="kv_cache_hit_rate"}']
+    assert 0.0 < rate < 1.0 and rate == pytest.approx(v.llm.reused / (v.llm.reused + v.llm.missed))
+    assert m['verifier_backend_stat{name="kv_cache_reused_blocks"}'] == v.llm.reused
+    assert m['verifier_backend_stat{name="image_hashing"}'] == 1.0
+    res = profile_verifier(v, batch_images=2, questions_per_image=4, image_size=64, iterations=2, duration=30, warmup=1)
+    assert res["backend"]["kv_cache_hit_rate"] == pytest.approx(v.llm.reused / (v.llm.reused + v.llm.missed))
+    assert res["backend"]["kv_cache_hit_rate_window"] == 1.0  # warmed up: the timed calls find every block cached
+    from verifier_engine.profiler import profile_server
+    from verifier_engine.testing import serve_in_thread
+    with serve_in_thread(create_app(v, backend="trtllm", model="tiny")) as url:
+        res = profile_server(url, concurrency=1, requests=3, duration=30, batch_images=1, questions_per_image=2,
+                             image_size=64)
+    assert res["errors"] == 0 and res["backend"]["kv_cache_hit_rate_window"] == 1.0  # same image each request
+    assert res["backend"]["kv_cache_hit_rate"] == pytest.approx(v.llm.reused / (v.llm.reused + v.llm.missed))
