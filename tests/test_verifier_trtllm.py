@@ -436,3 +436,33 @@ def test_server_metrics_and_the_profiler_report_the_kv_cache_hit_rate(tiny25, mo
                              image_size=64)
     assert res["errors"] == 0 and res["backend"]["kv_cache_hit_rate_window"] == 1.0  # same image each request
     assert res["backend"]["kv_cache_hit_rate"] == pytest.approx(v.llm.reused / (v.llm.reused + v.llm.missed))
+
+
+def test_the_gpu_check_script_runs_end_to_end_against_the_fake(tiny25, tmp_path, monkeypatch, capsys):
+    import json
+
+    from bench import trtllm_check
+    install(monkeypatch, hashing=False)  # a fallback must fail the check even though every score agrees
+    rc = trtllm_check.main(["--model", tiny25, "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "trtllm_check.json").read_text())
+    c = report["checks"]
+    assert c["trtllm_vs_hf_max_abs_diff"] < 1e-5 and c["trtllm_agrees_with_hf"]
+    assert c["repeat_identical"] and c["repeat_hit"] and c["repeat_hit_rate"] == 1.0
+    assert c["image_hashing"] is False and report["passed"] is False and rc == 1
+    assert c["twin_images_scores"]["image0"] != c["twin_images_scores"]["image1_same_size_one_patch_changed"]
+    assert {(r["backend"], r["questions_per_image"]) for r in report["throughput"]} == \
+        {(b, q) for b in ("native", "trtllm") for q in (1, 4, 16)}
+    assert all(r["questions_per_s"] > 0 for r in report["throughput"])
+    assert "trtllm / native" in capsys.readouterr().out
+    install(monkeypatch)  # hashing works: the check passes
+    assert trtllm_check.main(["--model", tiny25, "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+
+
+def test_the_gpu_check_script_says_when_it_is_skipped(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bench import trtllm_check
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+    assert trtllm_check.main(["--out", str(tmp_path)]) == 3
+    assert "tensorrt_llm does not import" in json.loads((tmp_path / "trtllm_check.json").read_text())["skipped"]
+    assert capsys.readouterr().out.startswith("SKIPPED")
