@@ -466,3 +466,16 @@ def test_the_gpu_check_script_says_when_it_is_skipped(tmp_path, monkeypatch, cap
     assert trtllm_check.main(["--out", str(tmp_path)]) == 3
     assert "tensorrt_llm does not import" in json.loads((tmp_path / "trtllm_check.json").read_text())["skipped"]
     assert capsys.readouterr().out.startswith("SKIPPED")
+
+
+def test_refuses_an_llm_whose_generate_async_has_no_cache_salt(tiny25, monkeypatch):
+    trt = install(monkeypatch)
+    real = trt.LLM.generate_async
+
+    def old_generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                           streaming=False, kv_cache_retention_config=None, disaggregated_params=None):
+        return real(self, inputs, sampling_params)
+
+    monkeypatch.setattr(trt.LLM, "generate_async", old_generate_async)
+    with pytest.raises(RuntimeError, match="no cache_salt"):
+        _load(tiny25)

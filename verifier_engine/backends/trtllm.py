@@ -132,6 +132,18 @@ def max_image_tokens(model: str) -> int:
     return int(max_pixels) // (int(patch) * int(merge)) ** 2
 
 
+def check_cache_salt(llm, version: str) -> None:
+    """``RuntimeError`` unless ``llm.generate_async`` takes ``cache_salt`` (the per-image isolation depends on it)."""
+    import inspect
+    try:
+        params = inspect.signature(llm.generate_async).parameters
+    except (TypeError, ValueError):  # not introspectable: let the first call tell
+        return
+    if "cache_salt" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise RuntimeError(f"this TensorRT-LLM ({version}) has no cache_salt in LLM.generate_async; the trtllm "
+                           f"backend needs it to keep KV-cache reuse within one image. Upgrade TensorRT-LLM")
+
+
 def image_salt(image) -> str:
     """The ``cache_salt`` of an image: a digest of its size and RGB pixels (same pixels, same salt)."""
     h = hashlib.sha256()
@@ -188,6 +200,7 @@ class TRTLLMVerifier:
             kwargs.update(llm_kwargs or {})
             llm = trt.LLM(model=model, **kwargs)
         self.llm = llm
+        check_cache_salt(llm, self.version)
         self.sampling = trt.SamplingParams(max_tokens=1, return_generation_logits=True)
         self._kv = {"reused_blocks": 0.0, "missed_blocks": 0.0}
         self._hashing_warned = False
