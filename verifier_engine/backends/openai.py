@@ -149,7 +149,8 @@ class OpenAIVerifier:
 
     def backend_metrics(self) -> dict[str, float]:
         """Counters for the server's /metrics: failed queries (all causes) and, among them, top-k gaps."""
-        return {"failed_queries": float(self.stats["failed_queries"]), "topk_gap_queries": float(self.stats["topk_gaps"])}
+        return {"failed_queries": float(self.stats["failed_queries"]),
+                "topk_gap_queries": float(self.stats["topk_gaps"])}
 
     @property
     def active_mode(self) -> str | None:
