@@ -3,9 +3,8 @@ policy (``--set model.kind=... --set model.path=...``), world (``data.world``) a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from alphagrpo.commands.common import add_config_arguments, resolve_config, setup_logging
+from alphagrpo.commands.common import add_config_arguments, resolve_config, setup_logging, writable_dir
 from alphagrpo.train.loop import train
 from alphagrpo.worlds.registry import load_world
 
@@ -35,9 +34,7 @@ def run(args) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     cfg = resolve_config(args.recipe, overrides, args.init)
-    run_dir = Path(args.out or f"runs/{cfg.recipe}")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file; give a folder for the run")
+    run_dir = writable_dir(args.out or f"runs/{cfg.recipe}")
     world = load_world(cfg.data)
     hist, _ = train(cfg, world, run_dir, resume=args.resume, overwrite=args.overwrite,
                     allow_config_change=args.allow_config_change, resume_or_start=args.resume_or_start)

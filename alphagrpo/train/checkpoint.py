@@ -118,11 +118,18 @@ def verify(ck: Path) -> Optional[str]:
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder from a run folder (its latest), a checkpoints folder, or the folder itself."""
+    """A checkpoint folder from a run folder (its latest; the newest remaining one when latest was deleted), a
+    checkpoints folder, or the folder itself."""
     path = Path(path)
     for cand in (path / "checkpoints" / "latest", path / "latest"):
         if cand.is_file():
-            return cand.parent / cand.read_text().strip()
+            target = cand.parent / cand.read_text().strip()
+            if target.is_dir():
+                return target
+            older = step_dirs(cand.parent.parent)   # latest was deleted (e.g. a damaged one): the newest left
+            if older:
+                return older[-1]
+            return target
     if (path / "trainer.pt").is_file():
         return path
     found = step_dirs(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -181,6 +182,10 @@ class TrainConfig:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
         if self.prompts_per_step < 1 or self.steps < 0 or self.micro_batch < 1:
             raise ValueError("prompts_per_step and micro_batch must be >= 1 and steps >= 0")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_think_tokens < 1 or self.eval_size < 0 or self.eval_batch < 1:
+            raise ValueError("max_think_tokens and eval_batch must be >= 1 and eval_size >= 0")
         if self.rollout_every < 0 or self.ckpt_every < 0 or self.image_every < 0:
             raise ValueError("ckpt_every, image_every and rollout_every must be >= 0 (0: never)")
         if self.data.world == "jsonl" and self.reward.verifier == "world":
@@ -244,9 +249,21 @@ def _coerce(value: str, current: Any):
         raise ValueError(f"expected a boolean, got {value!r}")
     if current is None:
         return None if value.lower() in ("none", "null") else value
-    if isinstance(current, tuple):   # comma-separated; integers when every item is one (window starts), else names
+    if isinstance(current, tuple):   # comma-separated; integers where the setting holds integers, else names
         items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-        return tuple(int(v) for v in items) if all(v.lstrip("-").isdigit() for v in items) else tuple(items)
+        numeric = all(isinstance(x, int) for x in current) and len(current) > 0
+        if numeric or (items and all(v.lstrip("-").isdigit() for v in items)):
+            bad = [v for v in items if not v.lstrip("-").isdigit()]
+            if bad:
+                raise ValueError(f"expected comma-separated integers, got {value!r}")
+            return tuple(int(v) for v in items)
+        return tuple(items)
+    if isinstance(current, (int, float)):
+        try:
+            return type(current)(value)
+        except ValueError:
+            raise ValueError(f"expected a{'n integer' if isinstance(current, int) else ' number'}, got {value!r}") \
+                from None
     return type(current)(value)
 
 
