@@ -37,7 +37,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -134,8 +133,12 @@ def _check_scores(scores, jobs) -> None:
         if len(row) != n:
             raise RuntimeError(f"the backend returned {len(row)} scores for {n} questions")
         for p in row:
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p <= 1:
-                raise RuntimeError(f"the backend returned the score {p!r}, not a probability")
+            try:
+                ok = 0.0 <= float(p) <= 1.0  # NaN fails too
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise RuntimeError(f"the backend returned the score {str(p)[:40]!r}, not a probability")
 
 
 class DynamicBatcher:
@@ -271,7 +274,9 @@ class _Header:
 
 def _undecodable(index: int, e: Exception) -> BadRequest:
     from PIL import Image
-    if isinstance(e, Image.DecompressionBombError) or "decompressed data too large" in str(e).lower():
+    if isinstance(e, Image.DecompressionBombError):
+        return BadRequest(413, f"images[{index}] is a decompression bomb: {e}")
+    if "decompressed data too large" in str(e).lower():
         return BadRequest(413, f"images[{index}] expands to too much data when decoded (a decompression bomb); "
                                f"send a plain PNG or JPEG")
     return BadRequest(400, f"images[{index}] could not be decoded as PNG or JPEG ({type(e).__name__}: {e})")
