@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import struct
 import threading
@@ -15,6 +16,7 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+@functools.lru_cache(maxsize=256)
 def png_bytes(width: int, height: int, colour=(200, 30, 60), noise_seed: int | None = None, mode: str = "RGB") -> bytes:
     """A PNG of one colour (tiny on the wire whatever its size) or, with ``noise_seed``, of coloured noise."""
     from PIL import Image
@@ -32,18 +34,21 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
+@functools.lru_cache(maxsize=256)
 def text_bomb_png() -> bytes:
     """A valid 8x8 PNG whose compressed text chunk inflates to 50 MB (about 50 KB on the wire)."""
     png = png_bytes(8, 8)
     return png[:33] + _chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"\0" * 50_000_000, 9)) + png[33:]
 
 
+@functools.lru_cache(maxsize=256)
 def huge_header_png(width: int = 30000, height: int = 30000) -> bytes:
     """A PNG header claiming ``width`` x ``height`` pixels with (almost) no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b"")
 
 
+@functools.lru_cache(maxsize=256)
 def gif_bytes() -> bytes:
     from PIL import Image
     buf = io.BytesIO()

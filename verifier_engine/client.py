@@ -3,11 +3,12 @@
 The trainer uses it unchanged (it has ``score(images, question_lists)``). A call is cut into requests of at most
 ``max_images_per_request`` images, sent concurrently (at most ``concurrency`` in flight) to the least-busy of the
 server URLs, each with a timeout and retries with backoff. ``timeout`` bounds a whole attempt (connect, send, and
-read the whole answer), not each socket read: a server that trickles its answer byte by byte still times out. A request that still fails after its retries follows
-``on_failure``: ``"zero"`` scores its questions 0 (the authors' choice; counted in ``stats["failed_images"]`` and
-logged) or ``"raise"`` raises ``VerifierError``. A server that rejects a request (4xx: bad token, too many pixels)
-always raises: that is a configuration error, not a transient one, and silent zeros would poison training. So does
-an answer that is not a list of finite numbers in ``[0, 1]`` of the right shape.
+read the whole answer), not each socket read: a server that trickles its answer byte by byte still times out.
+A request that still fails after its retries follows ``on_failure``: ``"zero"`` scores its questions 0 (the
+authors' choice; counted in ``stats["failed_images"]`` and logged) or ``"raise"`` raises ``VerifierError``. A server
+that rejects a request (4xx: bad token, too many pixels) always raises: that is a configuration error, not a
+transient one, and silent zeros would poison training. So does an answer that is not, per image, a list of finite
+numbers in ``[0, 1]``, one per question.
 
 ``submit()`` returns a ``concurrent.futures.Future`` so reward calls can overlap the next rollout; ``ascore()`` is
 the awaitable form. Images are PNG-encoded (lossless) in worker threads.
