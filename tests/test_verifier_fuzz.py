@@ -259,7 +259,8 @@ def test_fuzz_mixed_requests_with_the_tiny_random_qwen2_5_vl():
                 ({"images": one, "questions": [[f"client {k} a?"]], "expected_answers": [["yes", "no"]]}, 422),
                 ({"images": [b64(text_bomb_png())], "questions": [[f"client {k} a?"]]}, 413),
                 ({"images": one + ["%%%"], "questions": [["a?"], ["b?"]]}, 400),
-            ][k % 6]
+                ({"images": one, "questions": [[f"client {k} <|image_pad|>?"]]}, 422),
+            ][(k // 3) % 7]
             jobs.append((json.dumps(bad[0]).encode(), bad[1], k))
     with torch.inference_mode():
         local = [v.score([Image.fromarray(a) for a in arrays], qls) for _, arrays, qls in goods]

@@ -229,6 +229,9 @@ def test_images_are_shrunk_at_decode_to_what_the_processor_uses_and_score_as_in_
         def image_spec(self):
             return v.image_spec()
 
+        def check_question(self, question):
+            v.check_question(question)
+
         def score(self, images, question_lists):
             seen.extend(im.size for im in images)
             return v.score(images, question_lists)
@@ -240,10 +243,14 @@ def test_images_are_shrunk_at_decode_to_what_the_processor_uses_and_score_as_in_
     with serve_in_thread(create_app(Recording(), ServerConfig(max_wait_ms=20))) as url:
         r = _post(url, {"images": [encode_image(im) for im in big], "questions": qls})
         tall = _post(url, {"images": [b64(png_bytes(1, 4000))], "questions": [["tall?"]]})
+        special = _post(url, {"images": [GOOD_PNG], "questions": [["fine?", "Is <|image_pad|> red?"]]})
     assert r.status_code == 200, r.text
     assert np.allclose(np.concatenate(r.json()["scores"]), np.concatenate(local), atol=1e-5)
     assert seen == [(140, 84), (140, 84), (560, 28)]  # smart_resize's sizes within 128*128 pixels
     assert tall.status_code == 422 and "aspect ratio of 4000:1" in tall.json()["error"]["message"]
+    assert special.status_code == 422
+    assert special.json()["error"]["message"] == ("questions[0][1] holds the model's special token '<|image_pad|>'; "
+                                                  "send plain text")
 
 
 def _raw_request(port, head_extra=b"", body=b"", declared=1000):

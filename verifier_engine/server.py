@@ -9,9 +9,9 @@ Request (JSON)::
 Answer: ``{"scores": [[0.93, ...], ...], "backend": ..., "model": ...}``. Errors: a 4xx with
 ``{"error": {"message": "what is wrong", "type": ...}}`` (400 malformed or too deeply nested JSON, bad base64 or
 image, 401 token, 408 body not received in time, 413 too many bytes / pixels / images / questions or a
-decompression bomb, 422 wrong shape, empty lists, text that is not valid Unicode, or an image the model refuses
-(extreme aspect ratio), 503 queue full) or a 500 when the backend fails on that request; the server keeps serving
-in every case.
+decompression bomb, 422 wrong shape, empty lists, text that is not valid Unicode or holds the model's special
+tokens, or an image the model refuses (extreme aspect ratio), 503 queue full) or a 500 when the backend fails on
+that request; the server keeps serving in every case.
 
 Dynamic batching: requests queue up; one worker takes the first, then keeps adding requests for at most
 ``max_wait_ms`` or until ``max_batch_images`` images (or ``max_batch_pixels``), runs the backend once in a single
@@ -343,8 +343,9 @@ def _text_error(q: str) -> str | None:
     return None
 
 
-def parse_request(body: bytes, config: ServerConfig):
-    """Validate a /v1/score body up to the image bytes; returns ``(image strings, questions, expected)``."""
+def parse_request(body: bytes, config: ServerConfig, check_question=None):
+    """Validate a /v1/score body up to the image bytes; returns ``(image strings, questions, expected)``.
+    ``check_question``: the backend's own check of a question's text (raises ``ValueError`` saying what is wrong)."""
     try:
         payload = json.loads(body)
     except RecursionError as e:
@@ -380,6 +381,11 @@ def parse_request(body: bytes, config: ServerConfig):
             bad = _text_error(q)
             if bad:
                 raise BadRequest(422, f"questions[{i}][{j}] {bad}")
+            if check_question is not None:
+                try:
+                    check_question(q)
+                except ValueError as e:
+                    raise BadRequest(422, f"questions[{i}][{j}] {e}") from e
     return images, questions, _parse_expected(payload.get("expected_answers"), questions)
 
 
@@ -406,17 +412,23 @@ def _parse_expected(expected, questions):
     return out
 
 
-def _image_spec(verifier):
-    """The backend's ``ImageSpec`` (``image_spec()`` on the verifier or on its ``bundle``), or None."""
+def _backend_hook(verifier, name: str):
+    """The backend's optional ``name`` method (on the verifier, or on its ``bundle``), or None."""
     for owner in (verifier, getattr(verifier, "bundle", None)):
-        fn = getattr(owner, "image_spec", None)
+        fn = getattr(owner, name, None)
         if callable(fn):
-            try:
-                return fn()
-            except Exception:  # an optional hint: without it the server still validates and isolates failures
-                log.warning("the backend's image_spec() failed; serving without its image limits", exc_info=True)
-                return None
+            return fn
     return None
+
+
+def _image_spec(verifier):
+    """The backend's ``ImageSpec`` (``image_spec()``), or None."""
+    fn = _backend_hook(verifier, "image_spec")
+    try:
+        return fn() if fn is not None else None
+    except Exception:  # an optional hint: without it the server still validates and isolates failures
+        log.warning("the backend's image_spec() failed; serving without its image limits", exc_info=True)
+        return None
 
 
 def public_model_name(model: str) -> str:
@@ -445,6 +457,7 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
     metrics = _Metrics()
     batcher = DynamicBatcher(verifier, config, metrics)
     spec = _image_spec(verifier)
+    check_question = _backend_hook(verifier, "check_question")
     resample = spec.resample if spec is not None else 3
     decode_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="verifier-decode")
 
@@ -492,7 +505,8 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
 
     async def handle(request, loop):
         body = await read_body(request)
-        image_data, questions, expected = await loop.run_in_executor(decode_pool, parse_request, body, config)
+        image_data, questions, expected = await loop.run_in_executor(decode_pool, parse_request, body, config,
+                                                                     check_question)
         del body
         headers = await asyncio.gather(*(loop.run_in_executor(decode_pool, open_image, d, i, config.max_pixels, spec)
                                          for i, d in enumerate(image_data)))

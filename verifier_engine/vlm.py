@@ -196,6 +196,16 @@ class VLBundle:
         n_tokens = (patches // (self.merge_size ** 2)).tolist()
         return out["pixel_values"], grid, n_tokens, offsets
 
+    def check_question(self, question: str) -> None:
+        """Raise a ``ValueError`` when ``question`` holds one of the tokenizer's special tokens (``<|image_pad|>``,
+        ``<|im_end|>``, ...): they would change the query's structure, and an image placeholder breaks the model."""
+        if not hasattr(self, "_special_strings"):
+            specials = set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens)
+            self._special_strings = tuple(sorted(t for t in specials if t and not t.isspace()))
+        for t in self._special_strings:
+            if t in question:
+                raise ValueError(f"holds the model's special token {t!r}; send plain text")
+
     def image_spec(self):
         """The image processor's limits and resize rule as a ``protocol.ImageSpec`` (``None`` when it is not a
         Qwen-VL-style processor whose rule is known: ``smart_resize`` with a pixel budget, ``patch_size``,
