@@ -320,7 +320,7 @@ def load_image(header: _Header, resample: int = 3):
     try:
         img = header.img
         img.load()
-        rgb = img.convert("RGB")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
         del img
         header.img = None
         if header.target is not None:
