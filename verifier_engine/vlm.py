@@ -200,7 +200,13 @@ class VLBundle:
         """Raise a ``ValueError`` when ``question`` holds one of the tokenizer's special tokens (``<|image_pad|>``,
         ``<|im_end|>``, ...): they would change the query's structure, and an image placeholder breaks the model."""
         if not hasattr(self, "_special_strings"):
-            specials = set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens)
+            tok = self.tokenizer
+            decoder = getattr(tok, "added_tokens_decoder", None)
+            if isinstance(decoder, dict):  # added tokens marked special (not Qwen's plain <think>, <tool_call>)
+                specials = {str(getattr(t, "content", t)) for t in decoder.values() if getattr(t, "special", True)}
+            else:
+                specials = set(tok.get_added_vocab())
+            specials |= set(tok.all_special_tokens)
             self._special_strings = tuple(sorted(t for t in specials if t and not t.isspace()))
         for t in self._special_strings:
             if t in question:
