@@ -12,15 +12,15 @@ from verifier_engine import VerifierClient, VerifierError  # noqa: E402
 from verifier_engine.testing import random_images, serve_in_thread  # noqa: E402
 
 
-def fixed_answer_app(raw: bytes):
-    """A /v1/score stand-in that always answers ``raw`` (JSON text, possibly with NaN or Infinity) with 200."""
+def fixed_answer_app(answer: dict):
+    """A /v1/score stand-in that answers ``answer["raw"]`` (JSON text, possibly with NaN or Infinity) with 200."""
     from fastapi import FastAPI
     from fastapi.responses import Response
     app = FastAPI()
 
     @app.post("/v1/score")
     async def score():
-        return Response(raw, media_type="application/json")
+        return Response(answer["raw"], media_type="application/json")
 
     return app
 
@@ -42,22 +42,31 @@ BAD_SCORES = [  # one image, two questions
 ]
 
 
+@pytest.fixture(scope="module")
+def fixed_server():
+    answer = {"raw": b"{}"}
+    with serve_in_thread(fixed_answer_app(answer)) as url:
+        yield url, answer
+
+
 @pytest.mark.parametrize("name,raw,words", BAD_SCORES, ids=[b[0] for b in BAD_SCORES])
-def test_invalid_scores_from_the_server_raise_whatever_the_failure_policy(name, raw, words):
+def test_invalid_scores_from_the_server_raise_whatever_the_failure_policy(name, raw, words, fixed_server):
+    url, answer = fixed_server
+    answer["raw"] = raw
     images = random_images(1, (16, 16), seed=0)
-    with serve_in_thread(fixed_answer_app(raw)) as url:
-        for policy in ("zero", "raise"):
-            with VerifierClient(url, retries=2, backoff=0.0, on_failure=policy) as c:
-                with pytest.raises(VerifierError, match=words.replace("[", r"\[").replace("]", r"\]")):
-                    c.score(images, [["a?", "b?"]])
-                assert c.http_stats["retries"] == 0 and c.stats["failed_images"] == 0
+    for policy in ("zero", "raise"):
+        with VerifierClient(url, retries=2, backoff=0.0, on_failure=policy) as c:
+            with pytest.raises(VerifierError, match=words.replace("[", r"\[").replace("]", r"\]")):
+                c.score(images, [["a?", "b?"]])
+            assert c.http_stats["retries"] == 0 and c.stats["failed_images"] == 0
 
 
-def test_valid_edge_scores_are_accepted_as_floats():
+def test_valid_edge_scores_are_accepted_as_floats(fixed_server):
+    url, answer = fixed_server
+    answer["raw"] = b'{"scores": [[0, 1, 1.0, 0.0, 5e-324]]}'
     images = random_images(1, (16, 16), seed=0)
-    with serve_in_thread(fixed_answer_app(b'{"scores": [[0, 1, 1.0, 0.0, 5e-324]]}')) as url:
-        with VerifierClient(url) as c:
-            got = c.score(images, [["a?", "b?", "c?", "d?", "e?"]])
+    with VerifierClient(url) as c:
+        got = c.score(images, [["a?", "b?", "c?", "d?", "e?"]])
     assert got == [[0.0, 1.0, 1.0, 0.0, 5e-324]] and all(type(s) is float for s in got[0])
 
 
