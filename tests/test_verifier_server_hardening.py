@@ -339,3 +339,29 @@ def test_check_question_refuses_special_tokens_but_not_plain_added_words():
                      ("<|endoftext|>", "<|endoftext|>"), ("a <|vision_start|>", "<|vision_start|>")):
         with pytest.raises(ValueError, match="special token '" + token.replace("|", r"\|")):
             VLBundle.check_question(bundle, q)
+
+
+def test_request_bytes_in_flight_are_bounded_over_all_clients():
+    v = GatedVerifier()
+    v.gate.set()
+    cfg = ServerConfig(max_wait_ms=0, max_request_bytes=100_000, max_inflight_bytes=150_000, body_timeout_s=20)
+    body = json.dumps({"images": [GOOD_PNG], "questions": [["a?"]], "pad": "p" * 80_000}).encode()
+    with serve_in_thread(create_app(v, cfg)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = _raw_request(port, body=b'{"pad": "' + b"p" * 90_000, declared=99_000)  # holds 90 kB, unfinished
+        try:
+            deadline = time.monotonic() + 10
+            while httpx.get(url + "/health").json()["inflight_bytes"] < 90_000:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            busy = _post(url, body)
+        finally:
+            slow.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").json()["inflight_bytes"] > 0:
+            assert time.monotonic() < deadline, "bytes of a vanished client are still counted"
+            time.sleep(0.01)
+        ok = _post(url, body)
+        health = httpx.get(url + "/health").json()
+    assert busy.status_code == 503 and "request bytes in flight" in busy.json()["error"]["message"]
+    assert ok.status_code == 200 and health["inflight_bytes"] == 0

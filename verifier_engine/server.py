@@ -65,6 +65,9 @@ class ServerConfig:
     """Pixels (as held after decoding and shrinking) waiting at most; beyond that requests get 503."""
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest request body."""
+    max_inflight_bytes: int = 512 * 1024 * 1024
+    """Request body bytes held at once over all requests being received or parsed (raised to at least
+    ``max_request_bytes``); beyond that requests get 503."""
     max_images_per_request: int = 64
     max_questions_per_image: int = 64
     max_question_chars: int = 2000
@@ -79,12 +82,13 @@ class ServerConfig:
 
     def __post_init__(self):
         for name in ("max_batch_images", "max_batch_pixels", "max_queue_images", "max_queue_pixels",
-                     "max_request_bytes", "max_images_per_request", "max_questions_per_image", "max_question_chars",
-                     "max_pixels", "max_request_pixels"):
+                     "max_request_bytes", "max_inflight_bytes", "max_images_per_request", "max_questions_per_image",
+                     "max_question_chars", "max_pixels", "max_request_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"ServerConfig.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        self.max_inflight_bytes = max(self.max_inflight_bytes, self.max_request_bytes)
         if not self.body_timeout_s > 0:
             raise ValueError(f"ServerConfig.body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.token is not None and (not self.token or self.token != self.token.strip()):
@@ -320,12 +324,11 @@ def load_image(header: _Header, resample: int = 3):
     try:
         img = header.img
         img.load()
-        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
-        del img
         header.img = None
         if header.target is not None:
-            rgb = rgb.resize(header.target, resample)
-        return rgb
+            return (img if img.mode == "RGB" else img.convert("RGB")).resize(header.target, resample)
+        # a new image either way: a decoded PNG keeps a reference to its encoded bytes
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
     except Exception as e:
         raise _undecodable(header.index, e) from e
 
@@ -484,7 +487,9 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
                                  config.token.encode("utf-8"))
         return ok and scheme.lower() == "bearer"
 
-    async def read_body(request) -> bytes:
+    inflight = {"bytes": 0}  # request body bytes held by requests being received or parsed
+
+    async def read_body(request, held: list) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_request_bytes:
             raise BadRequest(413, f"the body has {declared} bytes; the limit is {config.max_request_bytes}")
@@ -496,6 +501,11 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
                     if size > config.max_request_bytes:
                         raise BadRequest(413, f"the body is larger than the limit of {config.max_request_bytes} "
                                               f"bytes")
+                    if inflight["bytes"] + len(chunk) > config.max_inflight_bytes:
+                        raise BadRequest(503, f"the server is busy ({inflight['bytes']} request bytes in flight); "
+                                              f"retry later", "overloaded")
+                    inflight["bytes"] += len(chunk)
+                    held[0] += len(chunk)
                     chunks.append(chunk)
         except TimeoutError as e:
             raise BadRequest(408, f"the body did not arrive within {config.body_timeout_s:g} s", "timeout") from e
@@ -503,8 +513,8 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
             raise _ClientGone() from e
         return b"".join(chunks)
 
-    async def handle(request, loop):
-        body = await read_body(request)
+    async def handle(request, loop, received):
+        body = await read_body(request, received)
         image_data, questions, expected = await loop.run_in_executor(decode_pool, parse_request, body, config,
                                                                      check_question)
         del body
@@ -523,6 +533,9 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
         except BaseException:
             batcher.release(len(headers), held)
             raise
+        del headers
+        inflight["bytes"] -= received[0]  # the body and the encoded images are gone: the queue counts from here
+        received[0] = 0
         scores = await batcher.submit(list(images), questions, held, reserved=True)
         if expected is not None:
             scores = [[apply_expected(p, a) for p, a in zip(row, ea)] for row, ea in zip(scores, expected)]
@@ -533,8 +546,9 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
         t0 = time.perf_counter()
         if not authorized(request):
             return error(401, "missing or wrong bearer token", "unauthorized")
+        received = [0]
         try:
-            scores, n_images, n_questions = await handle(request, asyncio.get_running_loop())
+            scores, n_images, n_questions = await handle(request, asyncio.get_running_loop(), received)
         except BadRequest as e:
             return error(e.status, e.message, e.kind)
         except _ClientGone:
@@ -546,6 +560,8 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
         except Exception:  # a bug here must not take the server down nor show a traceback to the client
             log.exception("unexpected error while serving a score request")
             return error(500, "internal server error", "internal_error")
+        finally:
+            inflight["bytes"] -= received[0]
         metrics.requests.inc(status="200")
         metrics.images.inc(n_images)
         metrics.questions.inc(n_questions)
@@ -555,7 +571,7 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
     @app.get("/health")
     async def health():
         return {"status": "ok", "backend": backend, "model": model, "queue_images": batcher.waiting,
-                "queue_pixels": batcher.waiting_pixels}
+                "queue_pixels": batcher.waiting_pixels, "inflight_bytes": inflight["bytes"]}
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
