@@ -282,7 +282,7 @@ def _ar_lse_rows_kernel(logits_ptr, tok_ptr, lse_ptr, logp_ptr, V, stride,
         m = m_new
     lse = m + tl.log(s)
     tok = tl.load(tok_ptr + row)
-    tgt = tl.load(base + tl.maximum(tok, 0)) * INV_T
+    tgt = tl.load(base + tl.minimum(tl.maximum(tok, 0), V - 1)) * INV_T   # never out of the row (ids >= V: garbage)
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, tl.where(tok >= 0, tgt - lse, 0.0))
 
@@ -290,7 +290,9 @@ def _ar_lse_rows_kernel(logits_ptr, tok_ptr, lse_ptr, logp_ptr, V, stride,
 def _ar_dlogits_rows_kernel(logits_ptr, out_ptr, tok_ptr, lse_ptr, g_ptr, V, stride, out_stride,
                             INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
     # out[r, c] = g_r / T * (1[c == tok_r] - exp(logits[r, c] / T - lse_r)), written over the row's own bytes: with a
-    # 16-bit out dtype, tile j lands in bytes the program read at tiles <= j (and loads precede stores in a tile).
+    # 16-bit out dtype, tile j lands in bytes the program read at tiles <= j, never in bytes of later tiles. Other
+    # warps of the program may still be reading tile j (or, with j = 0, the same bytes), hence the barrier between
+    # each tile's loads and its stores.
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     obase = out_ptr + row.to(tl.int64) * out_stride
@@ -303,6 +305,7 @@ def _ar_dlogits_rows_kernel(logits_ptr, out_ptr, tok_ptr, lse_ptr, g_ptr, V, str
         x = tl.load(base + cols, mask=ok, other=float("-inf")) * INV_T
         p = tl.exp(x - lse)
         dl = g * (tl.where(cols == tok, 1.0, 0.0) - p)
+        tl.debug_barrier()                                             # every warp has read the tile
         tl.store(obase + cols, dl.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -396,6 +399,9 @@ def plan_chunks(n: int, rows: int, level: str, cu_host: Optional[Sequence[int]],
         bounds = list(range(0, n, rows)) + [n]
         return [0, n_seqs, len(bounds) - 1] + bounds
     cu = [int(c) for c in cu_host]
+    if len(cu) != n_seqs + 1 or cu[0] != 0 or cu[-1] != n or any(y < x for x, y in zip(cu, cu[1:])):
+        raise ValueError(f"the host copy of cu_seqlens must have S+1={n_seqs + 1} boundaries from 0 to N={n}, never "
+                         f"decreasing, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
     start = 0                                        # the open group: sequences start..i-1, rows cu[start]..cu[i]
     for i in range(n_seqs):
         a, b = cu[i], cu[i + 1]
@@ -414,12 +420,17 @@ def plan_chunks(n: int, rows: int, level: str, cu_host: Optional[Sequence[int]],
     return out
 
 
+def _logits_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight the logits GEMM multiplies: itself where cuBLAS writes float32 from 16-bit inputs, else a float32
+    copy made once per call (CPU / torch without ``out_dtype``: the logits are never rounded to 16 bits)."""
+    if weight.dtype == torch.float32 or (weight.is_cuda and _out_dtype_mm_ok(weight.device)):
+        return weight
+    return weight.float()
+
+
 def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
-    """``out = hidden @ weight^T`` in float32 (cuBLAS with a float32 output; exact float32 products elsewhere)."""
-    if hidden.dtype == torch.float32 or (hidden.is_cuda and _out_dtype_mm_ok(hidden.device)):
-        _mm_f32(out, hidden, weight.t(), accumulate=False)
-    else:                                        # CPU / old torch: never round the logits to 16 bits
-        torch.mm(hidden.float(), weight.float().t(), out=out)
+    """``out = hidden @ weight^T`` in float32 (``weight`` from ``_logits_weight``)."""
+    _mm_f32(out, hidden if weight.dtype == hidden.dtype else hidden.float(), weight.t(), accumulate=False)
 
 
 def _lse_rows(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor,
@@ -453,10 +464,11 @@ def _ar_logp(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, t
         return logp
     lse = torch.empty_like(logp)
     buf = torch.empty(min(rows, n) * v, dtype=torch.float32, device=hidden.device)
+    w_l = _logits_weight(weight)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
-        _logits_into(logits, hidden[r0:r1], weight)
+        _logits_into(logits, hidden[r0:r1], w_l)
         _lse_rows(logits, tokens[r0:r1], lse[r0:r1], logp[r0:r1], temperature)
     return logp
 
@@ -470,10 +482,11 @@ def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
     v = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    gh = torch.zeros((n, h) if need_gh else (0,), dtype=dt, device=dev)   # rows of no group (none) stay 0
-    gw = torch.zeros((v, h) if need_gw else (0,), dtype=dt, device=dev)
-    if n == 0 or not plan:
-        return logp, gh, gw
+    if n == 0 or not plan:                                   # nothing to learn from: zero gradients
+        return (logp, torch.zeros((n, h) if need_gh else (0,), dtype=dt, device=dev),
+                torch.zeros((v, h) if need_gw else (0,), dtype=dt, device=dev))
+    gh = torch.empty((n, h) if need_gh else (0,), dtype=dt, device=dev)   # the plan covers rows 0..N: all written
+    gw = torch.empty((v, h) if need_gw else (0,), dtype=dt, device=dev)
     lse = torch.empty_like(logp)
     # per-token constants of the surrogate, on the device (no sync)
     valid = tokens >= 0
@@ -489,6 +502,7 @@ def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
     ref = logp_ref.detach().float() if logp_ref is not None else None
     gdt = torch.float32 if dt in (torch.float32, torch.float16) else dt    # dlogits dtype (fp16: float32, no underflow)
     w_g = weight if gdt == dt else weight.float()
+    w_l = _logits_weight(weight)
     n_sub = 0
     i = 0
     while i < len(plan):
@@ -522,7 +536,7 @@ def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
         subs = list(zip(bounds[:-1], bounds[1:]))
         for r0, r1 in subs:                                  # pass 1 (kept for the gradient when k == 1)
             logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
-            _logits_into(logits, hidden[r0:r1], weight)
+            _logits_into(logits, hidden[r0:r1], w_l)
             _lse_rows(logits, tokens[r0:r1], lse[r0:r1], logp[r0:r1], temperature)
         if not (need_gh or need_gw):
             continue
@@ -530,7 +544,7 @@ def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
         for r0, r1 in subs:
             if k > 1:                                        # the extra pass: logits again (lse is kept)
                 logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
-                _logits_into(logits, hidden[r0:r1], weight)
+                _logits_into(logits, hidden[r0:r1], w_l)
             grads(r0, r1, logits, g[r0 - bounds[0]:r1 - bounds[0]], first)
             first = False
     if gw32 is not None:
@@ -564,7 +578,7 @@ _chunked_op, _logp_op = _register_ops()
 
 class ChunkedGRPOFunction(torch.autograd.Function):
     """Loss and metrics in the forward, with ``dL/dhidden`` and ``dL/dweight`` computed there too (see the header);
-    the backward scales them by the incoming gradient."""
+    the backward scales them in place by the incoming gradient (so it runs once: no ``retain_graph`` double use)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, logp_old, advantages, lengths, logp_ref, plan, level, clip_low,
@@ -574,7 +588,7 @@ class ChunkedGRPOFunction(torch.autograd.Function):
         logp, gh, gw = fn(hidden, weight, tokens, logp_old, advantages, lengths, logp_ref, plan, level, clip_low,
                           clip_high, temperature, beta, rows, need_gh, need_gw)
         loss, m = _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
-        ctx.save_for_backward(gh, gw)
+        ctx.grads = (gh, gw)          # neither inputs nor outputs: kept on ctx, scaled in place by the backward
         ctx.need = (need_gh, need_gw)
         outs = (m["logp"],) + tuple(m[k] for k in _METRICS)
         ctx.mark_non_differentiable(*outs)
@@ -582,9 +596,13 @@ class ChunkedGRPOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gloss, *_):
-        gh, gw = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("ar_grpo_loss's fused backward runs once per forward (its gradients are computed in "
+                               "the forward and scaled in place): call the loss again instead of retain_graph=True")
+        (gh, gw), ctx.grads = ctx.grads, None
         need_gh, need_gw = ctx.need
-        return ((gh * gloss if need_gh else None), (gw * gloss if need_gw else None)) + (None,) * 14
+        gloss = gloss.float()         # in place: no second copy of the [V, H] gradient at the peak
+        return ((gh.mul_(gloss) if need_gh else None), (gw.mul_(gloss) if need_gw else None)) + (None,) * 14
 
 
 def _host_cu(cu_seqlens: torch.Tensor, cu_seqlens_host) -> Optional[List[int]]:

@@ -122,6 +122,14 @@ def test_ar_kernel_scales_its_forward_gradients_by_the_incoming_gradient(fused, 
     _check_against_oracle(_case(torch.float32), torch.float32, level, gout=-2.5, chunk_rows=6)
 
 
+def test_ar_kernel_second_backward_says_what_to_do(fused):
+    hidden, weight, tokens, logp_old, adv, cu, _ = _case(torch.float32)
+    loss, _ = ar_grpo_loss(hidden.clone().requires_grad_(), weight, tokens, logp_old, adv, cu)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
 def test_ar_kernel_without_grad_is_one_pass_and_computes_no_gradient(fused, monkeypatch):
     import alphagrpo.kernels.ar_grpo as A
     hidden, weight, tokens, logp_old, adv, cu, logp_ref = _case(torch.bfloat16)
