@@ -180,18 +180,18 @@ def _sched_coef_impl(sig_ptr, sn_ptr, a_ptr, sub_ptr, idx, s_sig, s_sn, s_a, s_s
 
 def _flow_fwd_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, logp_old_ptr, adv_ptr, out_ptr, counter_ptr,
                      sig_ptr, sn_ptr, a_ptr, sub_ptr, s_sig, s_sn, s_a, s_sub,
-                     B, D, C, cx, cv, std_s, inv_b,
+                     B, D, C, cx, cv, std_s, inv_b, HEAD: tl.constexpr,
                      LO: tl.constexpr, HI: tl.constexpr, ADV_CLIP: tl.constexpr, BETA: tl.constexpr,
                      CLAMP: tl.constexpr, HAS_REF: tl.constexpr, SCHED: tl.constexpr, HAS_SUB: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1)
-    part = out_ptr + _HEAD + 4 * B
+    part = out_ptr + HEAD + 4 * B
     offs = c * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     base = b.to(tl.int64) * D
     if SCHED:
-        cx_b, cv_b, _ = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, b, s_sig, s_sn, s_a, s_sub, HAS_SUB)
+        cx_b, cv_b, std_b = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, b, s_sig, s_sn, s_a, s_sub, HAS_SUB)
     else:
         cx_b = cx
         cv_b = cv
@@ -205,9 +205,12 @@ def _flow_fwd_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, logp_old_ptr, adv_ptr, out
         r = tl.load(ref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         dk = tl.where(mask, mean - r, 0.0)
         tl.store(part + (B + b) * C + c, tl.sum(dk * dk, axis=0))
-    # the last program to arrive (acq_rel ticket: every other program's partials are visible) finalizes
+    # the last program to arrive finalizes: the barrier orders every thread's stores before the (release) ticket,
+    # the acquire and the barrier after it make every other program's partials visible to all threads here
+    tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == B * C - 1:
+        tl.debug_barrier()
         sur_acc = tl.zeros([BLOCK_B], tl.float32)
         kl_acc = tl.zeros([BLOCK_B], tl.float32)
         clip_acc = tl.zeros([BLOCK_B], tl.float32)
@@ -228,7 +231,7 @@ def _flow_fwd_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, logp_old_ptr, adv_ptr, out
                     sk += tl.sum(tl.load(part + (B + rows[:, None]) * C + cols[None, :], mask=m2, other=0.0,
                                          volatile=True), axis=1)
             if SCHED:
-                _, _, std = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, tl.where(bm, rows, 0), s_sig, s_sn, s_a,
+                c_x_unused, c_v_unused, std = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, tl.where(bm, rows, 0), s_sig, s_sn, s_a,
                                         s_sub, HAS_SUB)
                 std = tl.where(bm, std, 1.0)
             else:
@@ -245,10 +248,10 @@ def _flow_fwd_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, logp_old_ptr, adv_ptr, out
             live = (~took_clip) & (lr >= -CLAMP) & (lr <= CLAMP) & bm
             g = tl.where(live, -adv * ratio, 0.0) * inv_b                 # dL/dlogp_i (times gout later)
             inv_dvar = 1.0 / (D * (std * std))
-            tl.store(out_ptr + _HEAD + rows, logp, mask=bm)
-            tl.store(out_ptr + _HEAD + B + rows, ratio, mask=bm)
-            tl.store(out_ptr + _HEAD + 2 * B + rows, g * inv_dvar, mask=bm)
-            tl.store(out_ptr + _HEAD + 3 * B + rows, (BETA * inv_b) * inv_dvar, mask=bm)
+            tl.store(out_ptr + HEAD + rows, logp, mask=bm)
+            tl.store(out_ptr + HEAD + B + rows, ratio, mask=bm)
+            tl.store(out_ptr + HEAD + 2 * B + rows, g * inv_dvar, mask=bm)
+            tl.store(out_ptr + HEAD + 3 * B + rows, (BETA * inv_b) * inv_dvar, mask=bm)
             sur_acc += tl.where(bm, tl.maximum(unclipped, clipped), 0.0)
             kl_acc += tl.where(bm, (sk / D) / var2, 0.0)
             clip_acc += tl.where(bm & took_clip, 1.0, 0.0)
@@ -269,7 +272,7 @@ def _flow_fwd_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, logp_old_ptr, adv_ptr, out
 
 
 def _flow_bwd_kernel(gout_ptr, v_ptr, x_ptr, prev_ptr, ref_ptr, out_ptr, gv_ptr, gx_ptr,
-                     sig_ptr, sn_ptr, a_ptr, sub_ptr, s_sig, s_sn, s_a, s_sub, B, D, cx, cv,
+                     sig_ptr, sn_ptr, a_ptr, sub_ptr, s_sig, s_sn, s_a, s_sub, B, D, cx, cv, HEAD: tl.constexpr,
                      HAS_REF: tl.constexpr, SCHED: tl.constexpr, HAS_SUB: tl.constexpr, NEED_GX: tl.constexpr,
                      BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -278,19 +281,19 @@ def _flow_bwd_kernel(gout_ptr, v_ptr, x_ptr, prev_ptr, ref_ptr, out_ptr, gv_ptr,
     mask = offs < D
     base = b.to(tl.int64) * D
     if SCHED:
-        cx_b, cv_b, _ = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, b, s_sig, s_sn, s_a, s_sub, HAS_SUB)
+        cx_b, cv_b, std_b = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, b, s_sig, s_sn, s_a, s_sub, HAS_SUB)
     else:
         cx_b = cx
         cv_b = cv
     gout = tl.load(gout_ptr).to(tl.float32)
-    a_b = tl.load(out_ptr + _HEAD + 2 * B + b) * gout
+    a_b = tl.load(out_ptr + HEAD + 2 * B + b) * gout
     v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(prev_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     mean = x * cx_b + v * cv_b
     gm = a_b * (p - mean)
     if HAS_REF:
-        k_b = tl.load(out_ptr + _HEAD + 3 * B + b) * gout
+        k_b = tl.load(out_ptr + HEAD + 3 * B + b) * gout
         r = tl.load(ref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         gm += k_b * (mean - r)
     tl.store(gv_ptr + base + offs, (gm * cv_b).to(gv_ptr.dtype.element_ty), mask=mask)
@@ -355,7 +358,7 @@ def _flow_fwd(v: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, logp_old: to
     out = torch.empty(_out_len(b, c, has_ref), dtype=torch.float32, device=dev)
     sargs, has_sub = _sched_args(sched, out)
     k_fwd[(b, c)](v, x, prev, mean_ref if has_ref else v, logp_old, advantages, out, _counter(dev), *sargs,
-                  b, d, c, cx, cv, std, 1.0 / b,
+                  b, d, c, cx, cv, std, 1.0 / b, HEAD=_HEAD,
                   LO=1.0 - clip, HI=1.0 + clip, ADV_CLIP=float(adv_clip), BETA=float(beta), CLAMP=LOG_RATIO_CLAMP,
                   HAS_REF=has_ref, SCHED=bool(sched), HAS_SUB=has_sub, BLOCK=block,
                   BLOCK_B=min(256, triton.next_power_of_2(b)), BLOCK_C=min(64, triton.next_power_of_2(c)),
@@ -375,7 +378,7 @@ def _flow_bwd(gout: torch.Tensor, v: torch.Tensor, x: torch.Tensor, prev: torch.
     sargs, has_sub = _sched_args(sched, out)
     k_bwd[(b, triton.cdiv(d, block))](gout.reshape(()).contiguous(), v, x, prev,
                                       mean_ref if mean_ref is not None else v, out, gv, gx if need_gx else gv,
-                                      *sargs, b, d, cx, cv,
+                                      *sargs, b, d, cx, cv, HEAD=_HEAD,
                                       HAS_REF=mean_ref is not None, SCHED=bool(sched), HAS_SUB=has_sub,
                                       NEED_GX=need_gx, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return gv, gx
