@@ -279,7 +279,8 @@ def _ar_providers(inp, s, t, dev, wanted, compiled_cache, autotune: bool = False
         def clr():
             x3.grad = w.grad = None
             clear()
-        return call, clr, {"chunk_size": chunk, "note": "float32 copies, TF32 matmuls" if tf32 else "bf16"}
+        return call, clr, {"chunk_size": chunk, "note": "float32 copies, TF32 matmuls" if tf32 else "bf16",
+                           "grad_bytes_per_elt": 4 if tf32 else 2}
 
     def ours(level="sequence", frozen=False, grad=True, impl=None):
         cuda_only("ours", smoke_ok=True)
@@ -441,6 +442,7 @@ def _measure_ar(case, providers, dev, warmup, reps, deadline, rows, skipped, gra
             res["device_ms"] = _device_ms(fn, dev) if (name.startswith(("ours", "gemm", "tiled"))) else None
             frozen = name == "ours-frozen"
             g = 0 if name in ("ours-nograd",) or name.startswith("gemm") else grads_bytes(frozen)
+            g = g * meta.get("grad_bytes_per_elt", 2) // 2                # float32 gradients of the TF32 row
             res["extra_gib"] = (res["peak_gib"] - g / GIB) if res["peak_gib"] is not None and g else None
             if res["device_ms"] is not None:
                 res["gap_ms"] = res["ms"] - res["device_ms"]
