@@ -351,3 +351,23 @@ def test_ar_kernel_many_chunks_and_long_sequences_cuda(level, weight_grad):
     with use_fused(True):
         _check_against_oracle(case, torch.bfloat16, level, weight_grad=weight_grad, chunk_rows=128,
                               cu_seqlens_host=case[5].cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("level", ["sequence", "token"])
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["trainable_head", "frozen_head"])
+def test_ar_kernel_never_syncs_the_host_cuda(level, weight_grad):
+    """After a warm-up call (Triton compiles, cuBLAS probes once), a fwd+bwd and a no-grad call run with
+    ``torch.cuda.set_sync_debug_mode("error")``: any device-to-host synchronisation raises."""
+    case = _case(torch.bfloat16, n=1000, h=320, v=5003, device="cuda")
+    host = case[5].cpu()
+    with use_fused(True):
+        _run(ar_grpo_loss, *case, level=level, weight_grad=weight_grad, chunk_rows=128, cu_seqlens_host=host)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _run(ar_grpo_loss, *case, level=level, weight_grad=weight_grad, chunk_rows=128, cu_seqlens_host=host)
+            with torch.no_grad():
+                ar_grpo_loss(*case[:6], level=level, logp_ref=case[6], chunk_rows=128)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -283,3 +283,19 @@ def test_flow_kernel_cuda_graph_replay_follows_changed_coefficient_tensors():
             want = step(s, sn)                                       # eager, Python-number schedule
             for got, ref in zip(static, want):
                 torch.testing.assert_close(got.float(), ref.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_flow_kernel_never_syncs_the_host_cuda(per_sample):
+    args = _case(8, (4, 16, 16), torch.bfloat16, device="cuda", per_sample=per_sample, with_ref=True)
+    if per_sample:                                                   # the schedule as device tensors
+        args = args[:3] + (args[3].cuda(), args[4].cuda()) + args[5:]
+    with use_fused(True):
+        _run(flow_grpo_loss, *args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _run(flow_grpo_loss, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
