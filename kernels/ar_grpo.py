@@ -29,16 +29,19 @@ incoming gradient (one elementwise pass). Per row chunk of ``R`` rows (a bounded
 Which rows may share a chunk: token level, any. GSPO: ``g_t`` needs the whole sequence's mean log-ratio, so a chunk
 holds whole sequences, planned on the host from a host copy of ``cu_seqlens`` (``cu_seqlens`` itself when it is a CPU
 tensor, or the ``cu_seqlens_host`` argument). A sequence longer than a chunk takes one extra pass: steps 1-2 over all
-its sub-chunks first (``lse`` kept), then ``g``, then steps 1, 4, 5 again. Without a host copy (``cu_seqlens`` on the
-GPU and no ``cu_seqlens_host``) GSPO plans all rows as one such group: no host sync, but the extra logits GEMM
-whenever ``N > R``. Frozen head (``weight.requires_grad`` False, LoRA): step 5 is only the ``grad_hidden`` GEMM, so
-two GEMM passes. No grad needed (``torch.is_grad_enabled()`` False, or neither input requires grad: old/reference
-log-probs): steps 1-2 only, one pass.
-Bytes/FLOPs: ``2 N H V`` FLOPs per GEMM pass: 3 passes (trainable head), 2 (frozen), 1 (no grad), +1 logits pass for
-GSPO sequences longer than a chunk; plus two row-wise passes over the float32 chunk (read; read + write). Extra memory:
-the workspace ``R V 4`` bytes (``workspace_bytes``, default 1 GiB, or ``chunk_rows``) + a float32 ``[V, H]``
-gradient accumulator (trainable head, more than one chunk) + the gradients themselves, kept from forward to backward
-(the eager reference materialises ~3 x 4 N V bytes: 30 GB at N = 16384, V = 152064).
+its sub-chunks first (``lse`` kept), then ``g``, then steps 1, 4, 5 again, last sub-chunk first (its logits are
+still in the workspace: ``k - 1`` extra logits GEMMs for ``k`` sub-chunks). Without a host copy (``cu_seqlens`` on
+the GPU and no ``cu_seqlens_host``) GSPO plans all rows as one such group: no host sync, but the extra logits GEMMs
+whenever ``N > R``. Under torch.compile the plan is part of the graph (a list of ints): a new plan recompiles, so
+leave ``cu_seqlens_host`` out there unless the batch layout is fixed.
+Frozen head (``weight.requires_grad`` False, LoRA): step 5 is only the ``grad_hidden`` GEMM, so two GEMM passes. No
+grad needed (``torch.is_grad_enabled()`` False, or neither input requires grad: old/reference log-probs): steps 1-2
+only, one pass.
+Bytes/FLOPs: ``2 N H V`` FLOPs per GEMM pass: 3 passes (trainable head), 2 (frozen), 1 (no grad), + (k - 1) / k of a
+logits pass for GSPO sequences of k > 1 chunks; plus two row-wise passes over the float32 chunk (read; read + write).
+Extra memory: the workspace ``R V 4`` bytes (``workspace_bytes``, default 1 GiB, or ``chunk_rows``) + a float32
+``[V, H]`` gradient accumulator (trainable head, more than one chunk) + the gradients themselves, kept from forward to
+backward (the eager reference materialises ~3 x 4 N V bytes: 30 GB at N = 16384, V = 152064).
 Host syncs: none after validation. Value checks that need the device (``cu_seqlens`` monotone and ending at N, token
 ids < V) run when the tensors are on the CPU (free) or when asked: ``validate=True`` or ``ALPHAGRPO_VALIDATE=1``.
 Expected: <= 1.2x the 3-GEMM ceiling (trainable) / 2-GEMM ceiling (frozen) at N = 16384, H = 3584, V = 152064 bf16;
@@ -541,8 +544,8 @@ def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
         if not (need_gh or need_gw):
             continue
         g = coef(bounds[0], bounds[-1], s0, s1)
-        for r0, r1 in subs:
-            if k > 1:                                        # the extra pass: logits again (lse is kept)
+        for j, (r0, r1) in enumerate(reversed(subs)):         # the last sub-chunk's logits are still in the buffer
+            if j > 0:                                        # the extra pass: logits again (lse is kept)
                 logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
                 _logits_into(logits, hidden[r0:r1], w_l)
             grads(r0, r1, logits, g[r0 - bounds[0]:r1 - bounds[0]], first)

@@ -259,7 +259,7 @@ def _ar_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
 
 
 def _register_ops():
-    """``alphagrpo::ar_tiled_logprob_fwd`` / ``ar_logprob_bwd`` custom ops, so torch.compile treats them as opaque calls."""
+    """``alphagrpo::ar_tiled_logprob_fwd`` / ``_bwd`` custom ops, so torch.compile treats them as opaque calls."""
     if not hasattr(torch, "library") or not hasattr(torch.library, "custom_op"):  # pragma: no cover - torch < 2.4
         return _ar_fwd, _ar_bwd
     fwd = torch.library.custom_op("alphagrpo::ar_tiled_logprob_fwd", mutates_args=())(_ar_fwd)

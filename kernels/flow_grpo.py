@@ -231,8 +231,8 @@ def _flow_fwd_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, logp_old_ptr, adv_ptr, out
                     sk += tl.sum(tl.load(part + (B + rows[:, None]) * C + cols[None, :], mask=m2, other=0.0,
                                          volatile=True), axis=1)
             if SCHED:
-                c_x_unused, c_v_unused, std = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, tl.where(bm, rows, 0), s_sig, s_sn, s_a,
-                                        s_sub, HAS_SUB)
+                c_x_unused, c_v_unused, std = _sched_coef(sig_ptr, sn_ptr, a_ptr, sub_ptr, tl.where(bm, rows, 0),
+                                                          s_sig, s_sn, s_a, s_sub, HAS_SUB)
                 std = tl.where(bm, std, 1.0)
             else:
                 std = tl.zeros([BLOCK_B], tl.float32) + std_s

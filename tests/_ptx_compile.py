@@ -50,7 +50,8 @@ def main() -> int:
                                           **ptrs(["n_rows", "n_cols", "H", "col0", "stride_h", "stride_w"], "i32"),
                                           **const(tdc)}, tdc))
     f_fwd, f_bwd = F._kernels(False)
-    sched = {**ptrs(["sig_ptr", "sn_ptr", "a_ptr", "sub_ptr"], "*fp32"), **ptrs(["s_sig", "s_sn", "s_a", "s_sub"], "i32")}
+    sched = {**ptrs(["sig_ptr", "sn_ptr", "a_ptr", "sub_ptr"], "*fp32"),
+             **ptrs(["s_sig", "s_sn", "s_a", "s_sub"], "i32")}
     for per in (False, True):
         for ref in (False, True):
             c = dict(HEAD=F._HEAD, LO=1 - 1e-5, HI=1 + 1e-5, ADV_CLIP=5.0, BETA=0.3, CLAMP=20.0, HAS_REF=ref,
