@@ -170,12 +170,26 @@ def test_ar_kernel_does_not_write_into_its_inputs(fused):
 
 
 def test_ar_host_plan_argument_matches_the_cpu_plan(fused, monkeypatch):
+    """``cu_seqlens_host`` gives the same plan as a CPU ``cu_seqlens`` (here the CPU copy is hidden from the kernel):
+    8 logits GEMMs for the whole-sequence chunks + 3 for the extra pass of the 12- and 17-token sequences, where the
+    plan-less layout (7 chunks of one group) would take 13."""
     import alphagrpo.kernels.ar_grpo as A
     case = _case(torch.float32)
+    calls = []
+    real = A._logits_into
+    monkeypatch.setattr(A, "_logits_into", lambda out, h, w: calls.append(out.shape[0]) or real(out, h, w))
     a = _run(ar_grpo_loss, *case, chunk_rows=6)
+    assert len(calls) == 11
+    calls.clear()
     monkeypatch.setattr(A, "_host_cu", lambda cu, host, _real=A._host_cu: _real(torch.zeros(1, device="meta"), host))
     b = _run(ar_grpo_loss, *case, chunk_rows=6, cu_seqlens_host=[0, 6, 6, 7, 19, 23, 40])
+    assert len(calls) == 11
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    calls.clear()
+    _run(ar_grpo_loss, *case, chunk_rows=6)                          # no host copy at all now: one group
+    assert len(calls) == 13
+    with pytest.raises(ValueError, match="host copy of cu_seqlens"):
+        _run(ar_grpo_loss, *case, chunk_rows=6, cu_seqlens_host=[0, 6, 40])
 
 
 def test_ar_checks_and_surrogate_never_read_device_tensors_on_the_host():
