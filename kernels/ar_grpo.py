@@ -42,8 +42,10 @@ logits pass for GSPO sequences of k > 1 chunks; plus two row-wise passes over th
 Extra memory: the workspace ``R V 4`` bytes (``workspace_bytes``, default 1 GiB, or ``chunk_rows``) + a float32
 ``[V, H]`` gradient accumulator (trainable head, more than one chunk) + the gradients themselves, kept from forward to
 backward (the eager reference materialises ~3 x 4 N V bytes: 30 GB at N = 16384, V = 152064).
-Host syncs: none after validation. Value checks that need the device (``cu_seqlens`` monotone and ending at N, token
-ids < V) run when the tensors are on the CPU (free) or when asked: ``validate=True`` or ``ALPHAGRPO_VALIDATE=1``.
+Host syncs: none after validation (and one probe per device and process, at first use, of whether cuBLAS writes
+float32 from 16-bit inputs). Value checks that need the device (``cu_seqlens`` monotone and ending at N, token ids < V,
+``cu_seqlens_host`` equal to ``cu_seqlens``) run when the tensors are on the CPU (free) or when asked:
+``validate=True`` or ``ALPHAGRPO_VALIDATE=1``.
 Expected: <= 1.2x the 3-GEMM ceiling (trainable) / 2-GEMM ceiling (frozen) at N = 16384, H = 3584, V = 152064 bf16;
 NOT YET MEASURED on a GPU (``bench/gpu_check.sh``; docs/kernels.md holds the targets).
 Fallback: ``impl="tiled"`` (or ``ALPHAGRPO_AR_IMPL=tiled``) selects the round-one kernel (``kernels/ar_grpo_tiled.py``:
@@ -669,8 +671,11 @@ def ar_grpo_loss(
         fn = _ar_logp if direct_launch(hidden, weight, tokens) else _logp_op
         logp = fn(hidden.detach(), weight.detach(), tokens, float(temperature), rows)
         return _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
-    plan = plan_chunks(n, rows, level, _host_cu(cu_seqlens, cu_seqlens_host) if level == "sequence" else None,
-                       advantages.shape[0])
+    cu_host = _host_cu(cu_seqlens, cu_seqlens_host) if level == "sequence" else None
+    if cu_host is not None and cu_seqlens_host is not None and _validate_requested(validate) \
+            and not torch.compiler.is_compiling() and cu_host != cu_seqlens.tolist():   # opt-in: a sync on GPU
+        raise ValueError("cu_seqlens_host differs from cu_seqlens")
+    plan = plan_chunks(n, rows, level, cu_host, advantages.shape[0])
     ref = logp_ref.detach().contiguous() if logp_ref is not None else None
     loss, logp, *stats = ChunkedGRPOFunction.apply(
         hidden, weight, tokens, logp_old.detach().contiguous(), advantages.detach().contiguous(), lengths, ref, plan,

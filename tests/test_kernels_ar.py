@@ -190,6 +190,9 @@ def test_ar_host_plan_argument_matches_the_cpu_plan(fused, monkeypatch):
     assert len(calls) == 13
     with pytest.raises(ValueError, match="host copy of cu_seqlens"):
         _run(ar_grpo_loss, *case, chunk_rows=6, cu_seqlens_host=[0, 6, 40])
+    wrong = [0, 6, 6, 8, 19, 23, 40]                                 # well formed, but not cu_seqlens: opt-in check
+    with pytest.raises(ValueError, match="differs from cu_seqlens"):
+        _run(ar_grpo_loss, *case, chunk_rows=6, cu_seqlens_host=wrong, validate=True)
 
 
 def test_ar_checks_and_surrogate_never_read_device_tensors_on_the_host():
