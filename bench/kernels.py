@@ -26,7 +26,9 @@ bf16, ``chunk_size`` sequences per chunk so that a chunk holds about as many row
 on float32 copies with TF32 matmuls), ``ours`` (GSPO, trainable head), ``ours-token``, ``ours-frozen`` (GSPO, frozen
 head: LoRA), ``ours-nograd`` (log-probs only, one pass), ``tiled`` (the round-one kernel, ``impl="tiled"``). The
 ``long`` case has sequences longer than a chunk (GSPO's extra pass). Providers that cannot run say why
-(``skipped``). ``--quick`` uses small shapes (CPU friendly; ``make bench``); a time budget skips whatever is left.
+(``skipped``). ``--quick`` uses small shapes (CPU friendly; ``make bench``); a time budget skips whatever is left,
+in three phases so that it costs comparison rows first: ceilings and ours for every case, then flow, then
+torch.compile, Liger-Kernel and eager (their compilation dominates).
 """
 from __future__ import annotations
 
@@ -233,7 +235,7 @@ def _ar_providers(inp, s, t, dev, wanted, compiled_cache, autotune: bool = False
 
     def compiled(mode=None):
         cuda_only("torch.compile")
-        key = ("ar", mode, n, h, v)
+        key = ("ar", mode, n, h, v, t)
         if key not in compiled_cache:
             torch.compiler.reset()                                   # no recompile limits or stale guards
             compiled_cache.clear()
@@ -634,8 +636,13 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     skipped: List[dict] = []
     compiled_cache: Dict[object, object] = {}
-    if args.only != "flow":
+    ours_rows = {"ours", "ours-token", "ours-frozen", "ours-nograd", "tiled"}
+
+    def ar_phase(names: set, with_ceilings: bool) -> None:
         for n, h, v, t in ar_cases:
+            want = (names if t < LONG_T else names & AR_LONG) & wanted   # the long case: GSPO rows
+            if not want and not with_ceilings:
+                continue
             if time.monotonic() > deadline:
                 skipped.append({"kind": "ar", "case": (n, h, v, t), "provider": "*", "reason": "time budget spent"})
                 continue
@@ -644,19 +651,28 @@ def main(argv=None) -> int:
             except torch.cuda.OutOfMemoryError:
                 skipped.append({"kind": "ar", "case": (n, h, v, t), "provider": "*", "reason": "inputs do not fit"})
                 continue
-            want = wanted if t < LONG_T else wanted & AR_LONG     # the long case: GSPO rows and the ceilings
-            providers = _ar_providers(inp, s, t, dev, want, compiled_cache, args.autotune and t < LONG_T)
+            providers = [(name, make) for name, make in
+                         _ar_providers(inp, s, t, dev, want, compiled_cache, args.autotune and t < LONG_T)
+                         if with_ceilings or not name.startswith("gemm")]
             grads = lambda frozen, _n=s * t, _h=h, _v=v: 2 * (_n * _h + (0 if frozen else _v * _h))  # noqa: E731
             _measure_ar((s * t, h, v, t), providers, dev, warmup, reps, deadline, rows, skipped, grads)
             del inp
             if cuda:
                 torch.cuda.empty_cache()
+
+    # phases, so that a spent time budget costs comparison rows first: ceilings and ours for every case, flow, then
+    # torch.compile / Liger / eager (compilation dominates their time)
+    if args.only != "flow":
+        ar_phase(ours_rows, with_ceilings=True)
     if args.only != "ar":
         for b, d in flow_cases:
             inp, moved = _flow_inputs(b, d, dev)
             sets = _flow_sets(b, d, dev, moved)
             _measure_flow((b, d, moved), _flow_providers(inp, moved, dev, wanted, compiled_cache, sets), dev,
                           args.flow_calls if cuda else 3, args.flow_rounds if cuda else 2, deadline, rows, skipped)
+    if args.only != "flow":
+        ar_phase({"compile", "compile-autotune", "liger", "liger-tf32", "eager"}, with_ceilings=False)
+    rows.sort(key=lambda r: (r["kind"] != "ar", [c for c in r["case"]]))
     _derive(rows)
     report = {"bench": "kernels", "quick": args.quick, "device": _device_name(dev), "versions": _versions(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": "python -m bench.kernels " +
