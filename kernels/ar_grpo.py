@@ -145,6 +145,14 @@ def _seg_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-sequence sums ``[S]`` of ``values [N]`` (deterministic; infinities stay in their own sequence).
     ``unsafe=True``: ``lengths`` are trusted (no host-side check, so no device sync)."""
     return torch.segment_reduce(values, "sum", lengths=lengths, initial=0.0, unsafe=True)
+def _extreme(x: torch.Tensor, which: str) -> torch.Tensor:
+    """``x.min()`` / ``x.max()`` that also takes an empty ``x`` (no tokens or no sequences: a placeholder the caller
+    replaces); the emptiness is a shape, known on the host."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    return x.min() if which == "min" else x.max()
+
+
 def _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta):
     """The O(N) clipped surrogate (+ k3 KL) from per-token ``logp [N]``; shared by the reference and the fused path."""
     cdt = logp.dtype
@@ -185,8 +193,8 @@ def _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, cli
             "logp": torch.where(valid, logp.detach(), 0.0),
             "clip_frac": (live & (clipped < unclipped)).to(cdt).sum() / count,
             "ratio_mean": torch.where(any_live, torch.where(live, r, 0.0).sum() / count, 1.0),
-            "ratio_min": torch.where(any_live, torch.where(live, r, float("inf")).min(), 1.0),
-            "ratio_max": torch.where(any_live, torch.where(live, r, float("-inf")).max(), 1.0),
+            "ratio_min": torch.where(any_live, _extreme(torch.where(live, r, float("inf")), "min"), 1.0),
+            "ratio_max": torch.where(any_live, _extreme(torch.where(live, r, float("-inf")), "max"), 1.0),
             "kl": kl.detach(),
         }
     return loss, metrics

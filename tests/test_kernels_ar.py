@@ -288,6 +288,24 @@ def test_ar_kernel_all_padding_and_single_token(fused):
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fn", [ar_grpo_loss, ar_grpo_loss_ref])
+@pytest.mark.parametrize("cu", [[0], [0, 0, 0]], ids=["no_sequences", "empty_sequences"])
+def test_ar_loss_of_an_empty_batch_is_a_zero_that_backpropagates(fused, fn, cu):
+    h, w = torch.zeros(0, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    loss, m = fn(h, w, torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(len(cu) - 1), torch.tensor(cu))
+    loss.backward()
+    assert loss.item() == 0.0 and m["ratio_min"].item() == m["ratio_max"].item() == 1.0
+    assert h.grad.shape == (0, 8) and (w.grad == 0).all()
+
+
+def test_ar_kernel_takes_int32_tokens_and_boundaries(fused):
+    case = _case(torch.float32)
+    narrow = list(case)
+    narrow[2], narrow[5] = case[2].int(), case[5].int()
+    a, b = _run(ar_grpo_loss, *narrow, chunk_rows=6), _run(ar_grpo_loss, *case, chunk_rows=6)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
 @pytest.mark.parametrize("host", [None, [0, 6, 6, 7, 19, 23, 40]], ids=["no_host_plan", "host_plan"])
 def test_ar_kernel_traces_under_torch_compile(fused, host):
     """The chunked Triton path itself under torch.compile (an opaque custom op; ``aot_eager``: the CPU has no
