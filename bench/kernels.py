@@ -674,7 +674,11 @@ def main(argv=None) -> int:
         ar_phase({"compile", "compile-autotune", "liger", "liger-tf32", "eager"}, with_ceilings=False)
     rows.sort(key=lambda r: (r["kind"] != "ar", [c for c in r["case"]]))
     _derive(rows)
-    report = {"bench": "kernels", "quick": args.quick, "device": _device_name(dev), "versions": _versions(),
+    versions = _versions()
+    if cuda:                                             # whether the AR logits GEMM writes float32 directly
+        from alphagrpo.kernels.ar_grpo import _out_dtype_mm_ok
+        versions["cublas_out_dtype_f32"] = _out_dtype_mm_ok(dev)
+    report = {"bench": "kernels", "quick": args.quick, "device": _device_name(dev), "versions": versions,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": "python -m bench.kernels " +
               " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows, "skipped": skipped,
               "targets": _targets(rows)}
