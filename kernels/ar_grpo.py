@@ -521,7 +521,8 @@ def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
     while i < len(plan):
         n_sub += plan[i + 2]
         i += 3 + plan[i + 2] + 1
-    gw32 = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_gw and n_sub > 1 else None
+    # float32 dL/dweight accumulator over chunks; the first chunk's GEMM writes it (no memset)
+    gw32 = torch.empty((v, h), dtype=torch.float32, device=dev) if need_gw and n_sub > 1 else None
     buf = torch.empty(min(rows, n) * v, dtype=torch.float32, device=dev)
 
     def grads(r0: int, r1: int, logits: torch.Tensor, g: torch.Tensor, first: bool) -> None:
