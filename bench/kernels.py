@@ -264,19 +264,16 @@ def _ar_providers(inp, s, t, dev, wanted, compiled_cache, autotune: bool = False
             x3 = hidden.detach().float().view(s, t, h).requires_grad_()
             w = weight.detach().float().requires_grad_()
 
-        def loss_fn():
-            prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32 or prev
-            try:
-                out = mod(x3, w, ids, mask, inp["advantages"], old_per_token_logps=old)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
-            return out[0] if isinstance(out, (tuple, list)) else out
-
         def call():
             x3.grad = w.grad = None
             hidden.grad = weight.grad = None
-            loss_fn().backward()
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32 or prev            # forward and backward alike
+            try:
+                out = mod(x3, w, ids, mask, inp["advantages"], old_per_token_logps=old)
+                (out[0] if isinstance(out, (tuple, list)) else out).backward()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
 
         def clr():
             x3.grad = w.grad = None
