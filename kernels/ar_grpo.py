@@ -648,8 +648,9 @@ def ar_grpo_loss(
     ``use_fused`` / ``ALPHAGRPO_KERNELS`` force either); float64 inputs always take the reference. Fused-path options:
         workspace_bytes: bound of the float32 logits chunk (default 1 GiB); ``chunk_rows`` sets its rows directly.
         cu_seqlens_host: a host copy of ``cu_seqlens`` (list, tuple or CPU tensor) for the GSPO chunk plan when
-            ``cu_seqlens`` lives on the GPU; without one, GSPO with ``N > chunk rows`` pays one extra logits pass
-            rather than a device sync. Must equal ``cu_seqlens``.
+            ``cu_seqlens`` lives on the GPU; without one, GSPO with ``N > chunk rows`` recomputes the logits of all
+            but one chunk (rather than syncing to read the boundaries). Must equal ``cu_seqlens`` (checked only with
+            ``validate``).
         impl: ``"chunked"`` (default) or ``"tiled"`` (the round-one kernel); default ``ALPHAGRPO_AR_IMPL``.
         validate: see :func:`ar_grpo_loss_ref` (value checks with a device sync, opt-in; ``ALPHAGRPO_VALIDATE``).
     """
