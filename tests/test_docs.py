@@ -37,7 +37,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if p.is_file()]
 PROGS = ("alphagrpo", "verifier-engine")
-WRAPPERS = {"time", "/usr/bin/time", "nohup", "exec", "command"}
+WRAPPERS = {"$", "time", "/usr/bin/time", "nohup", "exec", "command"}
+MODULES = {"alphagrpo.cli": "alphagrpo", "verifier_engine.cli": "verifier-engine"}
 
 
 # ---- reading pages -------------------------------------------------------------------------------------------------
@@ -108,6 +109,8 @@ def commands_in(tokens: list[str]):
         if t and set(t) <= set(";&|"):
             while seg and (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", seg[0]) or seg[0] in WRAPPERS):
                 seg.pop(0)
+            if len(seg) > 2 and re.fullmatch(r"(.*/)?python[\d.]*", seg[0]) and seg[1] == "-m" and seg[2] in MODULES:
+                seg = [MODULES[seg[2]]] + seg[3:]     # python -m alphagrpo.cli ...
             if seg and (seg[0] in PROGS or re.search(r"/bin/(alphagrpo|verifier-engine)$", seg[0])):
                 yield seg[0].rsplit("/", 1)[-1], seg[1:]
             seg = []
@@ -311,6 +314,8 @@ def test_checker_refuses_bad_commands(line):
 
 
 def test_checker_accepts_placeholders():
+    assert list(commands_in(_tokens("OMP_NUM_THREADS=1 python -m alphagrpo.cli eval --n 8; echo done"))) == [
+        ("alphagrpo", ["eval", "--n", "8"])]
     for line in ("alphagrpo ablate --study fpr|scoring|reward --seeds 0,1,2 --steps 20",
                  "alphagrpo demo --seed S --set loss.beta_text=B --rl-eval 8",
                  "alphagrpo pretrain --init DIR --out runs/x --think-drop 0.5 ...",
