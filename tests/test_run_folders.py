@@ -184,3 +184,13 @@ def test_bad_input_is_one_error_line_and_status_2(argv, needle, tmp_path, capsys
         argv += ["--out", str(tmp_path / "run")]
     assert main(argv) == 2
     one_error(capsys, needle)
+
+
+def test_tuple_settings_keep_their_element_type():
+    from alphagrpo.train.config import apply_overrides, get_recipe
+    c = apply_overrides(get_recipe("tiny_shapes"), ["optim.betas=0.9,0.99", "sampler.window_starts=1,2",
+                                                    "lora.targets=layers.*.gen.qkv"])
+    assert c.optim.betas == (0.9, 0.99) and c.sampler.window_starts == (1, 2)
+    assert c.lora.targets == ("layers.*.gen.qkv",)
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        apply_overrides(get_recipe("tiny_shapes"), ["optim.betas=0.9,high"])

@@ -51,11 +51,14 @@ class ThinkSample:
 @dataclass
 class TextReplay:
     """What the fused AR loss needs, for think tokens packed over the batch: ``hidden [N, H]`` (final hidden states
-    predicting ``targets [N]``), the LM-head ``weight [V, H]``, and ``cu_seqlens [S + 1]``."""
+    predicting ``targets [N]``), the LM-head ``weight [V, H]``, and ``cu_seqlens [S + 1]`` (on the device), plus
+    optionally the same boundaries as a host list (``cu_seqlens_host``: the kernel plans its sequence-level chunks
+    from it without a device sync)."""
     hidden: torch.Tensor
     weight: torch.Tensor
     targets: torch.Tensor
     cu_seqlens: torch.Tensor
+    cu_seqlens_host: Optional[list] = None
 
 
 @dataclass

@@ -300,7 +300,7 @@ class TinyUMMPolicy(PolicyBase):
         r, c = torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)
         targets = torch.cat([t.to(self.device) for t in think]).long()
         return TextReplay(hidden=hid[r, c], weight=self.model.lm_head.weight, targets=targets,
-                          cu_seqlens=torch.tensor(lens, dtype=torch.long, device=self.device))
+                          cu_seqlens=torch.tensor(lens, dtype=torch.long, device=self.device), cu_seqlens_host=lens)
 
     # ---------------------------------------------------------------- image
     def _forms(self, requests, cfg: CFGConfig):

@@ -251,7 +251,12 @@ def _coerce(value: str, current: Any):
         return None if value.lower() in ("none", "null") else value
     if isinstance(current, tuple):   # comma-separated; integers where the setting holds integers, else names
         items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-        numeric = all(isinstance(x, int) for x in current) and len(current) > 0
+        if current and all(isinstance(x, float) for x in current):      # e.g. optim.betas
+            try:
+                return tuple(float(v) for v in items)
+            except ValueError:
+                raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+        numeric = all(isinstance(x, int) and not isinstance(x, bool) for x in current) and len(current) > 0
         if numeric or (items and all(v.lstrip("-").isdigit() for v in items)):
             bad = [v for v in items if not v.lstrip("-").isdigit()]
             if bad:

@@ -193,9 +193,10 @@ class GRPOTrainer:
                     zeros = torch.zeros(len(ref.cu_seqlens) - 1, device=self.device)
                     logp_ref = kernels.ar_grpo_loss(ref.hidden, ref.weight, ref.targets, logp_old, zeros,
                                                     ref.cu_seqlens)[1]["logp"]
+            host = {"cu_seqlens_host": rep.cu_seqlens_host} if getattr(rep, "cu_seqlens_host", None) else {}
             loss_t, m = kernels.ar_grpo_loss(rep.hidden, rep.weight, rep.targets, logp_old, adv,
                                              rep.cu_seqlens, level=lc.text_level, clip_low=lc.clip_low,
-                                             clip_high=lc.clip_high, beta=lc.beta_text, logp_ref=logp_ref)
+                                             clip_high=lc.clip_high, beta=lc.beta_text, logp_ref=logp_ref, **host)
             (lc.text_weight * loss_t * weight).backward()
             stats.add("loss_text", loss_t.item(), n)
             stats.add("clip_text", m["clip_frac"].item(), n)
