@@ -148,13 +148,16 @@ def load_distributed(state: dict, module, trainer) -> dict:
     and ``trainer`` (optimizer, this rank's generator). Returns the data position for this rank. On another world
     size the weights and optimizer load exactly; the prompt shards and random streams are this world's (logged)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from alphagrpo.train.dist import dist_info
     rank, world = dist_info()
     ck = Path(state["path"])
     sd, opts = _dcp_state(module, trainer.optimizer)
-    dcp.load(sd, checkpoint_id=str(ck / "dcp"))
+    # partial: a parameter that never had a gradient (e.g. the input-image path of a text-to-image run) has no
+    # optimizer state in the checkpoint; DCP's fresh state for it stays, and is unused until it gets a gradient
+    dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(module, trainer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=opts)
     saved_world = int(state.get("world_size", 1))
