@@ -38,22 +38,30 @@ def grads(policy) -> dict:
 
 
 class AllGatherCounter:
-    """Counts the all-gathers FSDP2 issues (it calls ``torch.distributed.all_gather_single``)."""
+    """Counts the all-gathers and reduce-scatters FSDP2 issues (it calls ``torch.distributed.all_gather_single``
+    and ``reduce_scatter_single``) and the all-reduces of replicate."""
+
+    NAMES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
 
     def __init__(self):
-        self.n = 0
+        self.counts = dict.fromkeys(self.NAMES, 0)
+
+    @property
+    def n(self) -> int:
+        return self.counts["all_gather_single"]
 
     def __enter__(self):
-        self._orig = dist.all_gather_single
-
-        def counted(*a, **k):
-            self.n += 1
-            return self._orig(*a, **k)
-        dist.all_gather_single = counted
+        self._orig = {k: getattr(dist, k) for k in self.NAMES}
+        for k in self.NAMES:
+            def counted(*a, _k=k, **kw):
+                self.counts[_k] += 1
+                return self._orig[_k](*a, **kw)
+            setattr(dist, k, counted)
         return self
 
     def __exit__(self, *exc):
-        dist.all_gather_single = self._orig
+        for k, f in self._orig.items():
+            setattr(dist, k, f)
 
 
 def strategy_worker(rank: int, world_size: int, init_file: str, out: str, strategy: str) -> None:
@@ -77,8 +85,10 @@ def strategy_worker(rank: int, world_size: int, init_file: str, out: str, strate
         a0 = sum(len(c.requests) for c in chunks[:rank * per])
         policy = load_policy(cfg.model, "cpu", path=model_path)
         tr = GRPOTrainer(policy, DVReward(world.verifier), cfg, generator=torch.Generator().manual_seed(rank))
-        t = tr.update(mine, adv[a0:a0 + n_mine])
-        res = {"grad_norm": t["grad_norm"], "grads": grads(policy), "weights": trainable_state(policy)}
+        with AllGatherCounter() as upd:
+            t = tr.update(mine, adv[a0:a0 + n_mine])
+        res = {"grad_norm": t["grad_norm"], "grads": grads(policy), "weights": trainable_state(policy),
+               "update_collectives": upd.counts}
         # (2) all-gathers of one rollout: inside the trainer's gathered() window, and (for the record) without it
         tr.gen.manual_seed(rank)
         with AllGatherCounter() as inside:

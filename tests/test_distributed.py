@@ -109,6 +109,16 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, strategy, caplog):
     assert any(not torch.equal(trainable_state(pol)[k], w) for k, w in loaded.items())
 
 
+def test_an_fsdp_checkpoint_exports_the_trained_policy(runs, tmp_path):
+    from alphagrpo.models.tiny_policy import TinyUMMPolicy
+    from alphagrpo.train.loop import export_policy
+    out, _, res = runs
+    export_policy(out / "B_fsdp" / "checkpoints" / "step_000004", tmp_path / "pol")
+    pol = TinyUMMPolicy.from_pretrained(tmp_path / "pol")
+    got = trainable_state(pol)
+    assert all(torch.equal(got[k], w) for k, w in res["fsdp"][0]["resumed"].items())
+
+
 def test_fsdp_rollout_gathers_each_unit_once(runs):
     _, _, res = runs
     units = 2                          # micro TinyUMM: 1 layer + the root
@@ -116,6 +126,21 @@ def test_fsdp_rollout_gathers_each_unit_once(runs):
         assert r["ag_rollout"] == units
         assert r["ag_rollout_ungathered"] > 4 * units    # one per call without the window (measured: 19)
     assert res["replicate"][0]["ag_rollout"] == 0
+
+
+def test_replicate_all_reduces_once_per_update_and_fsdp_reduce_scatters(runs):
+    _, _, res = runs
+    rep, fs = res["replicate"][0]["update_collectives"], res["fsdp"][0]["update_collectives"]
+    assert rep == {"all_gather_single": 0, "reduce_scatter_single": 0, "all_reduce": 1}   # one 25 MiB bucket
+    assert fs["all_reduce"] == 0 and fs["reduce_scatter_single"] > 0 and fs["all_gather_single"] > 0
+
+
+def test_replicate_buckets_follow_bucket_mb():
+    from alphagrpo.train.config import ParallelConfig
+    from alphagrpo.train.parallel import Replicate
+    params = [torch.zeros(1000), torch.zeros(1000), torch.zeros(3000), torch.zeros(10)]
+    buckets = Replicate(ParallelConfig(bucket_mb=8000 / 2**20))._buckets(params)    # 8000 bytes = 2000 floats
+    assert [[p.numel() for p in b] for b in buckets] == [[1000, 1000], [3000], [10]]
 
 
 # ------------------------------------------------------------------------------------------ command line

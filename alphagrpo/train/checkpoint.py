@@ -157,7 +157,8 @@ def load_distributed(state: dict, module, trainer) -> dict:
     sd, opts = _dcp_state(module, trainer.optimizer)
     # partial: a parameter that never had a gradient (e.g. the input-image path of a text-to-image run) has no
     # optimizer state in the checkpoint; DCP's fresh state for it stays, and is unused until it gets a gradient
-    dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=world == 1)
     set_state_dict(module, trainer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=opts)
     saved_world = int(state.get("world_size", 1))
@@ -174,6 +175,22 @@ def load_distributed(state: dict, module, trainer) -> dict:
     data = dict(state.get("data") or {"epoch": 0, "cursor": 0})
     data["cursor"] = int(data.get("cursor", 0)) * saved_world // world   # the prompts consumed, re-divided
     return data
+
+
+def load_weights_distributed(state: dict, module) -> None:
+    """Only the trainable weights of a ``save_distributed`` checkpoint into ``module`` (no optimizer), e.g. to
+    export an FSDP run's policy in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    from alphagrpo.train.dist import dist_info
+    opts = StateDictOptions(ignore_frozen_params=True)
+    sd = {"model": get_model_state_dict(module, options=opts)}
+    dcp.load(sd, checkpoint_id=str(Path(state["path"]) / "dcp"),
+             planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=dist_info()[1] == 1)
+    set_model_state_dict(module, sd["model"], options=opts)
 
 
 def step_dirs(run_dir: Path) -> list[Path]:

@@ -31,8 +31,8 @@ import torch
 from alphagrpo.models.registry import load_policy
 from alphagrpo.rewards import DVReward
 from alphagrpo.train import parallel as par_
-from alphagrpo.train.checkpoint import (atomic_dir, has_checkpoints, load_checkpoint, load_distributed, remove_partial,
-                                        save_checkpoint, save_distributed)
+from alphagrpo.train.checkpoint import (atomic_dir, has_checkpoints, load_checkpoint, load_distributed,
+                                        load_weights_distributed, remove_partial, save_checkpoint, save_distributed)
 from alphagrpo.train.config import TrainConfig, from_dict
 from alphagrpo.train.metrics import MetricsLogger, format_step, save_rollout
 from alphagrpo.train.trainer import GRPOTrainer
@@ -282,6 +282,20 @@ def _progress(cfg, start: int, rank: int, progress: Optional[bool]):
     except ImportError:
         return None
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def export_policy(checkpoint, out, world=None) -> Path:
+    """Write the policy of a trainer checkpoint (a run folder, its checkpoints folder or one step folder) into the
+    policy folder ``out`` with the policy's ``save_pretrained``, in one process. For FSDP checkpoints, whose ranks
+    never hold the whole policy: the starting policy (``model.path``, LoRA as configured) plus the trained weights
+    from ``dcp/``."""
+    state = load_checkpoint(Path(checkpoint))
+    cfg = from_dict(state["config"])
+    policy = _load_start(cfg, world, state, None)
+    if state.get("dcp"):
+        load_weights_distributed(state, par_.trainable_root(policy))
+    policy.save_pretrained(Path(out))
+    return Path(out)
 
 
 def config_from_checkpoint(path) -> TrainConfig:
