@@ -151,7 +151,9 @@ class ParallelConfig:
     strategy: str = "replicate"    # "replicate": every rank holds the model, trainable grads all-reduced (DDP
                                    # semantics); "fsdp": FSDP2 fully_shard over policy.shard_modules() and the root
     cpu_offload: bool = False      # fsdp: keep sharded parameters, grads and optimizer state in CPU memory
-    param_dtype: str = "bfloat16"  # fsdp on CUDA: compute dtype of the gathered parameters (CPU runs keep fp32)
+    param_dtype: str = "auto"      # fsdp on CUDA: dtype of the gathered parameters; "auto": the policy's own (a bf16
+                                   # model such as BAGEL computes in bf16); "bfloat16" casts fp32-stored weights for
+                                   # compute (needs a bf16-ready forward: TinyUMM's is not); CPU runs never cast
     reduce_dtype: str = "float32"  # dtype gradients are summed in across ranks (both strategies)
     bucket_mb: float = 25.0        # replicate: gradient all-reduce bucket size (MiB), as DDP's bucket_cap_mb
     timeout_s: float = 600.0       # process-group timeout: a rank stuck in a collective this long fails the run
@@ -159,9 +161,11 @@ class ParallelConfig:
     def __post_init__(self):
         if self.strategy not in ("replicate", "fsdp"):
             raise ValueError(f"parallel.strategy must be 'replicate' or 'fsdp', got {self.strategy!r}")
-        for k in ("param_dtype", "reduce_dtype"):
-            if getattr(self, k) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"parallel.{k} must be float32, bfloat16 or float16, got {getattr(self, k)!r}")
+        if self.param_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"parallel.param_dtype must be auto, float32, bfloat16 or float16, got "
+                             f"{self.param_dtype!r}")
+        if self.reduce_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"parallel.reduce_dtype must be float32, bfloat16 or float16, got {self.reduce_dtype!r}")
         if not self.bucket_mb > 0 or not self.timeout_s > 0:
             raise ValueError("parallel.bucket_mb and parallel.timeout_s must be positive")
 

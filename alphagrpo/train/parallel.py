@@ -9,7 +9,8 @@ strategies of ``parallel.strategy`` (docs/distributed.md has the launch commands
   would all-reduce after each of them (or need ``no_sync`` plus a last backward that touches every parameter). One
   explicit bucketed all-reduce after the last backward is what DDP-with-``no_sync`` amounts to, minus the hooks.
 - ``fsdp``: FSDP2 ``fully_shard`` over ``policy.shard_modules()`` (each unit, then the outermost as root), with
-  ``MixedPrecisionPolicy(param_dtype, reduce_dtype)`` on CUDA (fp32 on CPU) and optional CPU offload. Policies call
+  ``MixedPrecisionPolicy(param_dtype, reduce_dtype)`` on CUDA (by default the policy's own dtype for compute and
+  fp32 for the gradient reduction; on CPU nothing is cast) and optional CPU offload. Policies call
   methods of their modules rather than ``forward``; the methods a policy names in ``shard_forward_methods(module)``
   are registered with ``register_fsdp_forward_method`` so FSDP gathers around them. Rollout (no grad, dozens of
   calls per sample) runs inside ``gathered()``: every unit is all-gathered once, kept unsharded for the whole
@@ -194,10 +195,11 @@ class FSDP(Replicate):
         if not units:
             raise ValueError(f"parallel.strategy=fsdp needs a policy whose shard_modules() names its modules; "
                              f"{type(policy).__name__} names none (use parallel.strategy=replicate)")
-        kw = {}
+        from torch.distributed.device_mesh import init_device_mesh
+        kw = {"mesh": init_device_mesh("cuda" if self.cuda else "cpu", (dist_info()[1],))}
         if self.cuda:
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(self.cfg.param_dtype),
-                                                   reduce_dtype=_dtype(self.cfg.reduce_dtype))
+            pd = None if self.cfg.param_dtype == "auto" else _dtype(self.cfg.param_dtype)
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=pd, reduce_dtype=_dtype(self.cfg.reduce_dtype))
         kw["offload_policy"] = CPUOffloadPolicy() if (self.cfg and self.cfg.cpu_offload) else OffloadPolicy()
         methods = getattr(policy, "shard_forward_methods", lambda m: ())
         for u in units:
