@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -157,8 +158,10 @@ def load_distributed(state: dict, module, trainer) -> dict:
     sd, opts = _dcp_state(module, trainer.optimizer)
     # partial: a parameter that never had a gradient (e.g. the input-image path of a text-to-image run) has no
     # optimizer state in the checkpoint; DCP's fresh state for it stays, and is unused until it gets a gradient
-    dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True),
-             no_dist=world == 1)
+    with warnings.catch_warnings():   # one process: DCP warns that it loads without a process group, as asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=world == 1)
     set_state_dict(module, trainer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=opts)
     saved_world = int(state.get("world_size", 1))
@@ -188,8 +191,10 @@ def load_weights_distributed(state: dict, module) -> None:
     from alphagrpo.train.dist import dist_info
     opts = StateDictOptions(ignore_frozen_params=True)
     sd = {"model": get_model_state_dict(module, options=opts)}
-    dcp.load(sd, checkpoint_id=str(Path(state["path"]) / "dcp"),
-             planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=dist_info()[1] == 1)
+    with warnings.catch_warnings():   # one process: DCP warns that it loads without a process group, as asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(Path(state["path"]) / "dcp"),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=dist_info()[1] == 1)
     set_model_state_dict(module, sd["model"], options=opts)
 
 

@@ -294,6 +294,8 @@ class GRPOTrainer:
         if not skipped:
             times.update(self.update(chunks, adv, stats))
             metrics["grad_norm"] = times.pop("grad_norm")
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         metrics.update(stats.mean())
         metrics.update({"skipped": int(skipped), "time_rollout": t1 - t0, "time_reward_wait": t2 - t1,
