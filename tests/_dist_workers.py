@@ -18,7 +18,8 @@ from alphagrpo.train.trainer import GRPOTrainer
 def small_cfg(out: str, strategy: str, steps: int = 2, model_path: str | None = None):
     sets = [f"steps={steps}", "prompts_per_step=2", "group_size=4", "micro_batch=4", "max_think_tokens=4",
             "sampler.num_steps=4", "sampler.window=2", "sampler.window_starts=0,1", "cfg.text_scale=1.0",
-            "optim.lr=1e-3", "ckpt_every=1", "image_every=0", f"out_dir={out}", f"parallel.strategy={strategy}"]
+            "optim.lr=1e-3", "optim.grad_clip=0.1", "ckpt_every=1", "image_every=0", f"out_dir={out}",
+            f"parallel.strategy={strategy}"]
     if model_path:
         sets.append(f"model.path={model_path}")
     return apply_overrides(get_recipe("tiny_shapes"), sets)

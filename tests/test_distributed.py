@@ -55,7 +55,8 @@ def runs(tmp_path_factory):
 def test_two_ranks_on_half_the_rollouts_update_like_one_rank_on_all(runs, strategy):
     _, one, res = runs
     r0, r1 = res[strategy]
-    # the global grad norm (clipping) and the synchronised gradients equal the one-process ones
+    # the global grad norm (clipping) and the synchronised, clipped gradients equal the one-process ones
+    assert one["grad_norm"] > 0.1, "optim.grad_clip=0.1 must clip here, or the norm's globality goes untested"
     assert r0["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert r1["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     for k, g in one["grads"].items():
@@ -101,6 +102,15 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, strategy, caplog, tmp_p
     loaded = trainable_state(pol)
     assert all(torch.equal(loaded[k], w) for k, w in res[strategy][0]["resumed"].items())
     assert "2-rank checkpoint on 1 rank" in caplog.text and "random streams" in caplog.text
+    # the optimizer state came along: AdamW's step count and moments of the 2-rank run
+    from alphagrpo.models.registry import load_policy
+    from alphagrpo.train.checkpoint import load_checkpoint, load_distributed
+    fresh = load_policy(cfg.model, "cpu")
+    tr = GRPOTrainer(fresh, DVReward(brightness_world().verifier), cfg, generator=torch.Generator())
+    load_distributed(load_checkpoint(run), fresh.model, tr)
+    qkv = tr.optimizer.state[fresh.model.layers[0].und.qkv.weight]
+    assert float(qkv["step"]) == 2 and qkv["exp_avg"].abs().sum() > 0 and qkv["exp_avg_sq"].abs().sum() > 0
+    tr.close()
     hist, pol = train(small_cfg(str(out), strategy, steps=3, model_path=str(out / "micro")), brightness_world(),
                       run, resume=True)
     assert len(hist) == 1 and not hist[0]["skipped"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from alphagrpo.commands.common import add_config_arguments, resolve_config, setup_logging
@@ -40,6 +41,8 @@ def run(args) -> int:
     except Exception as e:     # one rank's failure: say which rank and why, exit non-zero (torchrun stops the rest)
         if os.environ.get("ALPHAGRPO_DEBUG"):
             raise
+        if not isinstance(e, (ValueError, FileNotFoundError)):    # not a settings problem: where it happened
+            traceback.print_exc()
         print(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
 
