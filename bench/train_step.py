@@ -136,7 +136,8 @@ def main(argv=None) -> int:
         def med(k):
             return statistics.median(r[k] for r in rows)
         name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})"
-        out = {"bench": "train_step", "device": name, "torch": torch.__version__, "commit": _commit(), "world_size": env.world, "strategy": args.strategy,
+        out = {"bench": "train_step", "device": name, "torch": torch.__version__, "commit": _commit(),
+               "world_size": env.world, "strategy": args.strategy,
                "dim": dim, "layers": layers, "heads": heads, "params": n_params, "trainable_params": n_train,
                "dtype": args.dtype, "prompts_per_rank": prompts, "group": args.group, "sampler_steps":
                args.sampler_steps, "window": args.window, "think_tokens": args.think_tokens, "build_s": build_s,

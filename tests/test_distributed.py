@@ -18,6 +18,7 @@ from alphagrpo.train.loop import train
 from alphagrpo.train.trainer import GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench.train_step
 from _dist_workers import grads, small_cfg, strategy_worker, trainable_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,8 @@ def test_torchrun_command_line_trains_with_two_verifier_servers(tmp_path):
     assert counts["a"] + counts["b"] == 2 * 16                     # 2 steps x 2 ranks x 8 samples, each scored once
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     from torch.distributed.checkpoint import FileSystemReader
-    keys = FileSystemReader(tmp_path / "run" / "checkpoints" / "step_000002" / "dcp").read_metadata().state_dict_metadata
+    dcp_dir = tmp_path / "run" / "checkpoints" / "step_000002" / "dcp"
+    keys = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
     model_keys = [k for k in keys if k.startswith("model.")]
     assert model_keys and all("lora_" in k for k in model_keys), "the frozen base must not be checkpointed"
 
@@ -210,3 +212,15 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
                   env_extra={"ALPHAGRPO_TEST_FAIL_RANK": "1", "TORCHELASTIC_MAX_RESTARTS": "0"}, timeout=120)
     assert p.returncode != 0
     assert "error: rank 1/2: RuntimeError: synthetic verifier failure on this rank" in p.stderr
+
+
+def test_train_step_bench_reports_throughput_and_its_time_split(tmp_path):
+    from bench.train_step import main
+    out = tmp_path / "ts.json"
+    assert main(["--dim", "32", "--layers", "1", "--group", "4", "--think-tokens", "3", "--sampler-steps", "3",
+                 "--window", "2", "--steps", "1", "--device", "cpu", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 1 and r["samples_per_s_total"] > 0 and r["params"] > 0
+    parts = sum(r[k] for k in ("time_rollout", "time_reward_wait", "time_replay", "time_comm", "time_optimizer"))
+    assert 0.8 * r["time_step"] <= parts <= r["time_step"] * 1.001      # the split accounts for the step
+    assert r["samples_per_s_total"] == pytest.approx(2 * 4 / r["time_step"], rel=1e-6)

@@ -74,7 +74,8 @@ def format_step(step: int, m: dict) -> str:
             f"txt {g('loss_text', '{:+.4f}')} | clip img {g('clip_image', '{:.2f}')} txt {g('clip_text', '{:.2f}')} "
             f"| ratio txt {g('ratio_text', '{:.4f}')} img|r-1|max {g('ratio_image_max', '{:.1e}')} "
             f"| gnorm {g('grad_norm')} | t roll {g('time_rollout', '{:.1f}')}s wait {g('time_reward_wait', '{:.1f}')}s "
-            f"train {g('time_train', '{:.1f}')}s" + (f" comm {m['time_comm']:.2f}s" if m.get("world_size", 1) > 1 else "")
+            f"train {g('time_train', '{:.1f}')}s"
+            + (f" comm {m['time_comm']:.2f}s" if m.get("world_size", 1) > 1 else "")
             + f" | {'-' if sps is None else f'{sps:.1f}'} samp/s"
             + (f" ({m['world_size']} ranks, slowest {m['samples_per_s_rank_min']:.1f})" if m.get("world_size", 1) > 1
                else "") + f" | mem {mem:.2f}GiB"
