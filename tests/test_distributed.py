@@ -163,10 +163,10 @@ def _counting_server(counts: dict, name: str):
     return create_app(Counting())
 
 
-def _torchrun(args, tmp_path, env_extra=None, timeout=150):
+def _torchrun(args, tmp_path, env_extra=None, timeout=150, program=("-m", "alphagrpo.cli")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "alphagrpo.cli", "train", "--recipe", "tiny_shapes"] + args
+           *program, "train", "--recipe", "tiny_shapes"] + args
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -208,8 +208,11 @@ def test_torchrun_command_line_trains_with_two_verifier_servers(tmp_path):
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
     micro = tmp_path / "micro"
     micro_policy(0).save_pretrained(micro)
+    script = Path(sys.executable).with_name("alphagrpo")     # the console script, when installed beside python
+    program = (str(script),) if script.is_file() else ("-m", "alphagrpo.cli")
     p = _torchrun(_cli_sets(tmp_path, micro) + ["--steps", "3", "--out", str(tmp_path / "run")], tmp_path,
-                  env_extra={"ALPHAGRPO_TEST_FAIL_RANK": "1", "TORCHELASTIC_MAX_RESTARTS": "0"}, timeout=120)
+                  env_extra={"ALPHAGRPO_TEST_FAIL_RANK": "1", "TORCHELASTIC_MAX_RESTARTS": "0"}, timeout=120,
+                  program=program)
     assert p.returncode != 0
     assert "error: rank 1/2: RuntimeError: synthetic verifier failure on this rank" in p.stderr
 
