@@ -19,6 +19,9 @@
 #        DEMO_STEPS=80 DEMO_SET="optim.lr=3e-5" bash bench/gpu_check.sh   (4/4: after the kernels, `alphagrpo demo`
 #            on CUDA for that many GRPO steps with those overrides, under DEMO_TIMEOUT seconds (default 120),
 #            output in demo.txt; not part of the 8-minute budget above)
+#        TRAIN_STEP=1 bash bench/gpu_check.sh   (also, after the kernels, bench/train_step.py on one GPU: GRPO
+#            training-step throughput of a random-weight TinyUMM-style model, dim TS_DIM (1024) x TS_LAYERS (16),
+#            JSON in train_step.json, under 90 s; ONLY_TRAIN_STEP=1 runs it alone)
 #        ONLY_DEMO=1 DEMO_STEPS=250 DEMO_SET="lora.rank=8 lora.alpha=16 optim.lr=3e-4" DEMO_TIMEOUT=560 \
 #            bash bench/gpu_check.sh   (the demo alone, e.g. a long GPU run in one 10-minute call; exit status = its)
 set -u
@@ -66,7 +69,7 @@ RC_TESTS=0; RC_KERNELS=0
 if [ "${ONLY_DEMO:-0}" = 1 ] && [ -z "${DEMO_STEPS:-}" ]; then
   echo "ONLY_DEMO=1 needs DEMO_STEPS (and usually DEMO_SET, DEMO_TIMEOUT)"; exit 2
 fi
-if [ "${ONLY_DEMO:-0}" != 1 ]; then
+if [ "${ONLY_TRAIN_STEP:-0}" != 1 ] && [ "${ONLY_DEMO:-0}" != 1 ]; then
 log "1/3 CUDA tests (timeout 90 s)"
 timeout 90 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -o addopts="" -rs > "$OUT_DIR/pytest_cuda.txt" 2>&1
 RC_TESTS=$?
@@ -115,6 +118,15 @@ else
   echo "no kernel table: see $OUT_DIR/kernels.stderr.txt"
 fi
 fi   # ONLY_DEMO
+if [ "${TRAIN_STEP:-0}" = 1 ] || [ "${ONLY_TRAIN_STEP:-0}" = 1 ]; then
+  log "training-step throughput, one GPU (timeout 90 s)"
+  timeout 90 "$PY" -m bench.train_step --dim "${TS_DIM:-1024}" --layers "${TS_LAYERS:-16}" --steps 5 \
+    --out "$OUT_DIR/train_step.json" > "$OUT_DIR/train_step.txt" 2>&1
+  RC_TRAIN_STEP=$?
+  log "train_step rc=$RC_TRAIN_STEP"
+  tail -n 8 "$OUT_DIR/train_step.txt"
+  [ "${ONLY_TRAIN_STEP:-0}" = 1 ] && exit "$RC_TRAIN_STEP"
+fi
 if [ -n "${DEMO_STEPS:-}" ]; then
   log "4/4 GRPO demo on CUDA: $DEMO_STEPS steps, overrides '${DEMO_SET:-}' (timeout ${DEMO_TIMEOUT:-120} s)"
   DEMO_ARGS=(demo --steps "$DEMO_STEPS" --out "${TMPDIR:-/tmp}/alphagrpo_demo" --set device=cuda)

@@ -15,7 +15,8 @@ What a policy declares about itself:
   never a copy of the base weights.
 - ``device`` / ``dtype``; ``sigmas(num_steps, shift)``: the policy's own sigma grid (a diffusers scheduler's) when
   it has one (``sampler.grid="scheduler"``); ``shard_modules()``: the modules a distributed wrapper may shard (FSDP2
-  ``fully_shard`` units).
+  ``fully_shard`` units), and optionally ``shard_forward_methods(module)``: the methods the adapter calls on such a
+  unit instead of ``forward`` (``alphagrpo.train.parallel`` registers them so FSDP2 gathers around them).
 
 ``PolicyBase`` supplies the optional members' defaults (text path on, no own grid, nothing to shard, ``reference()``
 through ``alphagrpo.models.lora.disabled_adapters``) so an adapter writes only what is specific to its model.

@@ -3,8 +3,9 @@
 ``--set a.b=value`` overrides any field from the command line (``apply_overrides``). The resolved config is written
 into the run folder. Sections: ``model`` (which policy: ``kind``, ``path``, ``dtype``), ``data`` (which world),
 ``reward`` (which verifier: ``reward.verifier``), ``sampler``, ``cfg`` / ``cfg_refine`` (text-to-image and refinement
-guidance), ``loss``, ``optim``, ``lora``, ``srr``. Recipes: ``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and
-``tiny_shapes_srr`` (self-reflective refinement with FPR); real-model recipes register beside their adapters.
+guidance), ``loss``, ``optim``, ``lora``, ``srr``, ``parallel`` (data-parallel strategy under torchrun). Recipes:
+``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and ``tiny_shapes_srr`` (self-reflective refinement with FPR);
+real-model recipes register beside their adapters.
 Numbers that differ from the paper's BAGEL setup (RECIPE.md section 8) are CPU-sized and say so in their field's
 comment.
 """
@@ -146,6 +147,31 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data-parallel training under ``torchrun`` (docs/distributed.md). Ignored in one process."""
+    strategy: str = "replicate"    # "replicate": every rank holds the model, trainable grads all-reduced (DDP
+                                   # semantics); "fsdp": FSDP2 fully_shard over policy.shard_modules() and the root
+    cpu_offload: bool = False      # fsdp: keep sharded parameters, grads and optimizer state in CPU memory
+    param_dtype: str = "auto"      # fsdp on CUDA: dtype of the gathered parameters; "auto": the policy's own (a bf16
+                                   # model such as BAGEL computes in bf16); "bfloat16" casts fp32-stored weights for
+                                   # compute (needs a bf16-ready forward: TinyUMM's is not); CPU runs never cast
+    reduce_dtype: str = "float32"  # dtype gradients are summed in across ranks (both strategies)
+    bucket_mb: float = 25.0        # replicate: gradient all-reduce bucket size (MiB), as DDP's bucket_cap_mb
+    timeout_s: float = 600.0       # process-group timeout: a rank stuck in a collective this long fails the run
+
+    def __post_init__(self):
+        if self.strategy not in ("replicate", "fsdp"):
+            raise ValueError(f"parallel.strategy must be 'replicate' or 'fsdp', got {self.strategy!r}")
+        if self.param_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"parallel.param_dtype must be auto, float32, bfloat16 or float16, got "
+                             f"{self.param_dtype!r}")
+        if self.reduce_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"parallel.reduce_dtype must be float32, bfloat16 or float16, got {self.reduce_dtype!r}")
+        if not self.bucket_mb > 0 or not self.timeout_s > 0:
+            raise ValueError("parallel.bucket_mb and parallel.timeout_s must be positive")
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "tiny_shapes"
     task: str = "rt2i"             # "rt2i", "srr" or "mixed"
@@ -174,6 +200,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     srr: SRRConfig = field(default_factory=SRRConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.task not in ("rt2i", "srr", "mixed"):
@@ -309,7 +336,7 @@ def from_dict(d: dict) -> TrainConfig:
     """Rebuild a ``TrainConfig`` from ``to_dict()`` output (checkpoints); unknown keys raise."""
     kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "cfg_refine": CFGConfig, "loss": LossConfig,
              "optim": OptimConfig, "lora": LoRAConfig, "reward": RewardConfig, "srr": SRRConfig, "data": DataConfig,
-             "model": ModelConfig}
+             "model": ModelConfig, "parallel": ParallelConfig}
     d = dict(d)
     if "init" in d:                      # configs written before the model section: init was model.path
         d.setdefault("model", {})
