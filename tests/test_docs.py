@@ -455,8 +455,6 @@ def _expand(pattern: str):
 def cited_files():
     out = []
     for page in PAGES:
-        if page.parent != ROOT / "docs":
-            continue
         rel = page.relative_to(ROOT).as_posix()
         text = page.read_text()
         for m in re.finditer(r"(?<![\w/.])((?:bench|experiments)/results/[\w.*{},\-]+)", text):
