@@ -36,6 +36,26 @@ CKPT_FORMAT = "alphagrpo.trainer/v2"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final`` (replacing an existing one) with renames only."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def point_latest(ck: Path, name: str) -> None:
+    """Replace ``ck/latest`` (the name of the newest checkpoint) atomically."""
+    fd, tmpname = tempfile.mkstemp(dir=ck, prefix=".latest.")
+    with os.fdopen(fd, "w") as f:
+        f.write(name)
+    os.replace(tmpname, ck / "latest")
+
+
 def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     """Create folder ``final`` atomically: ``write(tmp)`` fills a temporary sibling, renamed into place at the end."""
     final = Path(final)
@@ -44,14 +64,7 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
     try:
         write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -84,10 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, state: dict, cfg) -> Path:
                                                         "sha256": _manifest(tmp)}, indent=1))
 
     atomic_dir(final, write)
-    fd, tmpname = tempfile.mkstemp(dir=ck, prefix=".latest.")
-    with os.fdopen(fd, "w") as f:
-        f.write(final.name)
-    os.replace(tmpname, ck / "latest")
+    point_latest(ck, final.name)
     return final
 
 
@@ -128,18 +138,8 @@ def save_distributed(run_dir: Path, step: int, policy, module, trainer, data: di
     if rank == 0:
         (tmp / "manifest.json").write_text(json.dumps({"format": CKPT_FORMAT, "step": step,
                                                         "sha256": _manifest(tmp)}, indent=1))
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fd, tmpname = tempfile.mkstemp(dir=ck, prefix=".latest.")
-        with os.fdopen(fd, "w") as f:
-            f.write(final.name)
-        os.replace(tmpname, ck / "latest")
+        replace_dir(tmp, final)
+        point_latest(ck, final.name)
     barrier()
     return final
 
