@@ -1,7 +1,6 @@
 """SD3.5 as a flow-only policy (``alphagrpo.models.sd3``), on a tiny random pipeline built in code (CPU, no
 downloads): parity with the stock diffusers pipeline, on-policy replay, LoRA through peft, adapter files that a stock
 pipeline loads, and the command line."""
-import inspect
 import json
 
 import numpy as np
@@ -12,7 +11,7 @@ pytest.importorskip("diffusers")   # a guard only: the dev extra installs diffus
 pytest.importorskip("peft")
 
 from alphagrpo.kernels.flow_grpo import flow_grpo_loss_ref  # noqa: E402
-from alphagrpo.models.policy import CFGConfig, GenRequest  # noqa: E402
+from alphagrpo.models.policy import CFGConfig, GenRequest, policy_sigmas  # noqa: E402
 from alphagrpo.models.registry import ModelConfig, load_policy  # noqa: E402
 from alphagrpo.models.sd3 import TARGET_SETS, load_sd3  # noqa: E402
 from alphagrpo.models.sd3_testing import tiny_sd3_pipeline  # noqa: E402
@@ -72,9 +71,10 @@ def test_ode_sampling_equals_the_stock_pipeline_on_both_grids(tiny_dir):
     n, N = 2, 6
     cond = pol.image_condition(reqs(PROMPTS[:n]), None, FLOWGRPO_CFG)
     # the scheduler's grid (sampler.grid=scheduler): bit-identical to pipe() on the same noise
-    sig = pol.sigmas(N, 3.0)
-    x = noise(pol, n)
-    x_ours = _sample(pol, cond, n, sig, x)
+    sig = policy_sigmas(pol, N, 3.0, grid="scheduler")
+    assert torch.equal(sig, pol.sigmas(N, 3.0))
+    x_ours, recs = sample_flow(pol, cond, n, sigmas=sig, noise_level=0.0, generator=torch.Generator().manual_seed(0))
+    x = noise(pol, n)                                  # the same draw sample_flow made for its starting noise
     ref = stock_latents(pol.pipe, PROMPTS[:n], x, num_inference_steps=N)
     # measured 0.0 here; the text encoders' batch composition (ours: unique prompts with "", the pipeline: prompts,
     # then negatives) may move it by ~1e-6 on other CPUs
@@ -92,20 +92,6 @@ def test_ode_sampling_equals_the_stock_pipeline_on_both_grids(tiny_dir):
     x_init = torch.randn((n,) + pol.latent_shape, generator=torch.Generator().manual_seed(3))
     ref2 = stock_latents(pol.pipe, PROMPTS[:n], x_init, sigmas=np.linspace(1, 0, N + 1)[:-1].tolist())
     assert recs == [] and torch.allclose(x0, ref2, rtol=0, atol=1e-5), (x0 - ref2).abs().max()
-
-
-def _sample(pol, cond, n, sigmas, x):
-    """ODE sampling on an explicit grid through the project's sampler."""
-    from alphagrpo.sampler import euler_step
-    if "sigmas" in inspect.signature(sample_flow).parameters:
-        gen = torch.Generator()
-        gen.set_state(torch.Generator().manual_seed(0).get_state())
-        out, _ = sample_flow(pol, cond, n, num_steps=len(sigmas) - 1, noise_level=0.0, sigmas=sigmas, generator=gen)
-        return out
-    for k in range(len(sigmas) - 1):
-        with torch.no_grad():
-            x = euler_step(x, pol.velocity(x, float(sigmas[k]), cond), float(sigmas[k]), float(sigmas[k + 1]))
-    return x
 
 
 def test_scheduler_grid_is_the_pipelines_and_differs_from_flow_sigmas(tiny_dir):
@@ -387,6 +373,105 @@ def test_sd35_medium_shape_has_the_documented_lora_sizes():
         sizes[t] = (len(names), sum(32 * (mods[n].in_features + mods[n].out_features) for n in names) / 1e6)
     assert sizes[()][0] == 191 and abs(sizes[()][1] - 18.8) < 0.05
     assert sizes[("all",)][0] == 337 and abs(sizes[("all",)][1] - 47.0) < 0.05
+
+
+# ------------------------------------------------------------------ the command line
+def test_command_line_trains_sd3_with_the_shapes_judge_checkpoints_and_resumes(tiny_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """``alphagrpo train --recipe tiny_shapes --set model.kind=sd3 --set model.path=TINY ...``: 2 steps, a checkpoint
+    of adapters only, then ``--resume`` to step 3. The world is the shapes world's prompt machinery and judge with one
+    prompt per task type (registered as ``shapes_mini``: the full world synthesizes 20k prompts, 5-15 s here)."""
+    from alphagrpo.cli import main
+    from alphagrpo.worlds import registry
+    from alphagrpo.worlds.base import World
+
+    def shapes_mini(data):
+        from alphagrpo.worlds import shapes as S
+        train, test, _ = S.synthesize_splits(n_per_task=1, n_test=1, seed=data.seed)
+        judge = S.ShapesVerifier()
+        return World(train=train, test=test, verifier=judge, name="shapes_mini",
+                     judge=lambda img, r: judge.judge(img, [q["question"] for q in r["semantic_questions"]]))
+
+    monkeypatch.setitem(registry._WORLDS, "shapes_mini", shapes_mini)
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "tiny_shapes", "--out", str(out)]
+    for s in ("model.kind=sd3", f"model.path={tiny_dir}", f"model.options=resolution={RES}", "model.max_text_tokens=32",
+              "prompts_per_step=1", "group_size=3", "micro_batch=3", "sampler.num_steps=4", "sampler.window=2",
+              "sampler.window_starts=0,1", "sampler.grid=scheduler", "cfg.text_scale=4.5", "cfg.low=0",
+              "cfg.renorm=false", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "reward.verifier=world",
+              "data.world=shapes_mini", "image_every=0", "ckpt_every=1"):
+        args += ["--set", s]
+    assert main(args + ["--steps", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["steps"] == 2
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000002"
+    pol_dir = ck / "step_000002" / "policy"
+    meta = json.loads((pol_dir / "config.json").read_text())
+    assert meta["format"] == "alphagrpo.sd3/v1" and meta["base"] == str(tiny_dir.resolve())
+    assert meta["lora"]["rank"] == 4 and (pol_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert not (pol_dir / "transformer").exists()                      # adapters only, never the base
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and "loss_text" not in lines[-1]   # flow only: no text loss
+    assert all(0.0 <= m["reward_mean"] <= 1.0 for m in lines)
+    from safetensors.torch import load_file
+    a1 = load_file(str(ck / "step_000001" / "policy" / "pytorch_lora_weights.safetensors"))
+    a2 = load_file(str(pol_dir / "pytorch_lora_weights.safetensors"))
+    trained = [m for m in lines if not m["skipped"]]
+    assert trained, "both steps were skipped (all advantages zero): the test could not see training"
+    assert any(not torch.equal(a1[k], a2[k]) for k in a1) or lines[1]["skipped"]
+    # --resume continues from step 2 to 3
+    assert main(args + ["--steps", "3", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
+    assert (ck / "latest").read_text().strip() == "step_000003"
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_sd35m_recipes_run_a_step_on_the_tiny_pipeline(tiny_dir):
+    """Both recipes, shrunk to the tiny pipeline on a CPU, run a GRPO step: sd35m (recipe grid, LoRA on every
+    attention and feed-forward linear, gradient checkpointing) and sd35m_flowgrpo (scheduler grid, KL to the
+    adapters-disabled policy)."""
+    from alphagrpo.rewards import DVReward
+    from alphagrpo.testing import brightness_world
+    from alphagrpo.train.config import apply_overrides, get_recipe
+    from alphagrpo.train.loop import enable_lora
+    from alphagrpo.train.trainer import GRPOTrainer
+    world = brightness_world()
+    for name in ("sd35m", "sd35m_flowgrpo"):
+        cfg = apply_overrides(get_recipe(name), [
+            "device=cpu", f"model.path={tiny_dir}", f"model.options=resolution={RES}", "model.dtype=float32",
+            "model.max_text_tokens=16", "prompts_per_step=1", "group_size=3", "micro_batch=3", "sampler.num_steps=4",
+            "sampler.window=2", "sampler.window_starts=0", "lora.rank=2", "lora.alpha=4"])
+        pol = load_policy(cfg.model, "cpu")
+        enable_lora(pol, cfg)
+        tr = GRPOTrainer(pol, DVReward(world.verifier), cfg, generator=torch.Generator().manual_seed(0))
+        res = tr.step(world.train[:1])
+        tr.close()
+        m = res.metrics
+        assert m["samples"] == 3 and "loss_image" in m and "loss_text" not in m
+        assert ("kl_image" in m) == (name == "sd35m_flowgrpo")
+        assert m["ratio_image_max"] == 0.0                   # on-policy: every ratio is exactly 1
+
+
+def test_gpu_smoke_script_runs_on_the_tiny_pipeline(tiny_dir, tmp_path):
+    """``bench/sd3_smoke.py`` end to end on a CPU (its GPU numbers are not measured here): the real-weights path on
+    the tiny pipeline folder, and the random-shape path with the tiny transformer."""
+    from bench import sd3_smoke
+    out = tmp_path / "real.json"
+    assert sd3_smoke.main(["--model", str(tiny_dir), "--device", "cpu", "--resolution", str(RES), "--dtypes",
+                           "float32", "--group", "2", "--steps", "3", "--window", "2", "--parity-steps", "3",
+                           "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["per_dtype"]["float32"]
+    assert r["parity"]["latent_abs_diff_max"] < 1e-5
+    assert r["grpo_step"]["all_within_clip"] and r["grpo_step"]["drift_logp_max"] == 0.0
+    assert len(r["grpo_step"]["drift"]) == 2
+    assert set(r["timing"]) == {"no_checkpointing", "checkpointing"}
+    assert r["adapter_round_trip"]["ours_abs_diff_max"] == 0.0 and r["adapter_round_trip"]["stock_abs_diff_max"] < 1e-6
+    out = tmp_path / "tiny.json"
+    assert sd3_smoke.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    t = json.loads(out.read_text())
+    assert t["lora"]["default"]["layers"] == 15 and t["lora"]["all"]["layers"] == 25
+    assert t["timing"]["checkpointing"]["all_within_clip"]
 
 
 def test_prompt_cache_keeps_recent_prompts_and_warns_on_a_re_encode(tiny_dir, caplog):
