@@ -102,7 +102,7 @@ def test_scheduler_grid_is_the_pipelines_and_differs_from_flow_sigmas(tiny_dir):
     assert torch.equal(sig, pol.pipe.scheduler.sigmas.float())
     assert sig[0] == 1 and sig[-1] == 0 and 0.005 < float(sig[-2]) < 0.015   # the near-no-op last step
     gap = (sig - flow_sigmas(10, 3.0)).abs().max().item()
-    assert 0.2 < gap < 0.3                                                   # ADAPTERS.md: up to ~0.24 at N = 10
+    assert 0.2 < gap < 0.3                                                   # up to ~0.24 at N = 10
     # the conventions of RECIPE section 2: the scheduler noises as (1 - s) x0 + s eps and steps x + (s' - s) v, so
     # the velocity it consumes (the transformer's output, trained on noise - x0) has our sign
     from alphagrpo.sampler import euler_step
@@ -358,7 +358,7 @@ def test_encode_decode_round_trip_uses_model_space(tiny_dir):
 
 
 def test_sd35_medium_shape_has_the_documented_lora_sizes():
-    """ADAPTERS.md's counts on SD3.5-Medium's real shape (built on the meta device: no memory, no weights)."""
+    """The LoRA sizes docs/sd3.md states, on SD3.5-Medium's real shape (built on the meta device: no memory, no weights)."""
     from diffusers import SD3Transformer2DModel
 
     from alphagrpo.models.sd3 import lora_target_names

@@ -25,7 +25,7 @@ Conventions (checked against the stock pipeline in ``tests/test_sd3.py``):
   its config with ``shift`` (SD3.5 ships 3.0): ``set_timesteps(N)`` spaces N timesteps linearly from 1 to the
   scheduler's smallest TRAINING sigma, which is already shifted (1/1000 -> ~0.003), and then shifts them again, then
   appends 0; the last step is a near-no-op ~0.009 -> 0. The recipe's ``flow_sigmas(N, s)`` shifts
-  ``linspace(1, 0, N + 1)`` once: the two grids differ by up to ~0.24 in sigma at N = 10 (ADAPTERS.md). Passing
+  ``linspace(1, 0, N + 1)`` once: the two grids differ by up to ~0.24 in sigma at N = 10. Passing
   unshifted ``sigmas=linspace(1, 0, N+1)[:-1]`` to the pipeline reproduces ``flow_sigmas``.
 - Precision: transformer and text encoders in ``model.dtype``; VAE in float32; LoRA adapters in float32; the
   velocity is returned as float32 (the SDE step and log-probs run in float32, RECIPE section 2).

@@ -7,7 +7,7 @@ whose width is the transformer's ``joint_attention_dim``, a four-block ``Autoenc
 channels, SD3.5's shift/scaling factors) and ``FlowMatchEulerDiscreteScheduler(shift=3)``. Tokenizers are built in
 memory from a character vocabulary (CLIP: BPE with no merges; T5: a unigram model over characters).
 
-Pitfalls this avoids (ADAPTERS.md): every model is put in ``eval()`` (T5 dropout breaks the on-policy ratio), the
+Pitfalls this avoids: every model is put in ``eval()`` (T5 dropout breaks the on-policy ratio), the
 CLIP configs' ``eos_token_id`` is the tokenizer's (CLIP pools at the first eos), the CLIP tokenizer's
 ``model_max_length`` is 77 (the pipeline pads to it).
 
