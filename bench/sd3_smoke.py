@@ -194,8 +194,14 @@ def timing_pair(pol, args, t_start: float) -> dict:
             pol.transformer.enable_gradient_checkpointing()
         else:
             pol.transformer.disable_gradient_checkpointing()
-        out["checkpointing" if ckpt else "no_checkpointing"] = grpo_step(
-            pol, group=args.group, steps=args.steps, window=args.window, grid=args.grid)
+        try:
+            out["checkpointing" if ckpt else "no_checkpointing"] = grpo_step(
+                pol, group=args.group, steps=args.steps, window=args.window, grid=args.grid)
+        except torch.cuda.OutOfMemoryError as e:      # a smaller GPU: report it and go on with the next setting
+            for p in pol.trainable_parameters():
+                p.grad = None
+            torch.cuda.empty_cache()
+            out["checkpointing" if ckpt else "no_checkpointing"] = f"out of memory: {str(e)[:200]}"
     pol.transformer.disable_gradient_checkpointing()
     return out
 
