@@ -84,6 +84,7 @@ def _write_json(path: Path, data: dict) -> None:
 def open_manifest(out: Path, header: dict) -> None:
     """Create ``OUT/manifest.json`` with ``header`` (settings), or check that an existing one has the same."""
     out.mkdir(parents=True, exist_ok=True)
+    header = json.loads(json.dumps(header))          # compare as stored (tuples become lists)
     with _locked(out):
         path = out / MANIFEST
         if path.exists():
