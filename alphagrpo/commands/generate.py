@@ -122,7 +122,7 @@ def run(args) -> int:
                     progress=_progress(len(mine)))
     print(f"{suite.name}: {res['generated']} prompts generated, {res['skipped']} already done (shard {i}/{k}: "
           f"{res['total']} of {len(items)} prompts) -> {args.out}")
-    print(f"official scorer: {suite.official.replace('OUT', args.out)}")
+    print(f"official scorer: {suite.official.replace('OUT', args.out).replace('MODEL_NAME', args.model_name)}")
     print(json.dumps({"suite": suite.name, "out": args.out, "shard": f"{i}/{k}", **res}))
     return 0
 

@@ -191,8 +191,8 @@ def geneval_questions(meta: dict) -> list[dict]:
 class GenEval(_FolderPerPrompt):
     name = "geneval"
     variants = ("short", "long")
-    official = ("python evaluation/evaluate_images.py OUT --outfile OUT/results.jsonl --model-path MASK2FORMER_DIR"
-                " && python evaluation/summary_scores.py OUT/results.jsonl")
+    official = ("python evaluation/evaluate_images.py OUT --outfile RESULTS/results.jsonl --model-path "
+                "OBJECT_DETECTOR_FOLDER && python evaluation/summary_scores.py RESULTS/results.jsonl")
 
     def read(self, suite_dir, variant):
         names = ["evaluation_metadata.jsonl", "prompts/evaluation_metadata.jsonl", "prompts_evaluation_metadata.jsonl"]
@@ -366,9 +366,11 @@ class WISE(Suite):
     name = "wise"
     variants = ("default", "rewrite")
     max_images = 1
-    official = ("python gpt_eval.py --json_path data/<category>.json --image_dir OUT --output_dir OUT/Results/<category>"
-                " --api_key KEY --model gpt-4o-2024-05-13 --result_full ... --result_scores ...; python Calculate.py ..."
-                "   # WISE_legacy; WISE_Verified: bash eval_qwen.sh with IMAGE_DIR=OUT")
+    official = ("per category: python gpt_eval.py --json_path data/<category>.json --image_dir OUT --output_dir "
+                "OUT/Results/<category> --api_key KEY --model gpt-4o-2024-05-13 --result_full "
+                "OUT/Results/<category>_full_results.json --result_scores OUT/Results/<category>_scores_results.jsonl"
+                "; then python Calculate.py OUT/Results/*_scores_results.jsonl --category all   (WISE_legacy/; "
+                "WISE_Verified: IMAGE_DIR=OUT bash eval_qwen.sh)")
 
     def default_dir(self):
         return None
