@@ -82,6 +82,9 @@ def test_geneval_layout_is_what_evaluate_images_reads(tmp_path, micro):
     m = json.loads((out / "manifest.json").read_text())
     assert m["settings"]["n"] == 2 and m["settings"]["steps"] == 2 and m["settings"]["suite"] == "geneval"
     assert set(m["items"]) == set(folders) and m["items"]["00001"]["seed"] == bench.item_seed(0, "00001")
+    before = (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns
+    assert gen(out, "geneval", "--limit", "4", "--n", "2", "--resolution", "24", micro=micro) == 0   # a larger look
+    assert (out / "00003").is_dir() and (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns == before
 
 
 def test_tiif_layout_is_what_eval_with_vlm_reads(tmp_path, tiif_dir, micro):

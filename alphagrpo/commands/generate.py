@@ -113,8 +113,7 @@ def run(args) -> int:
         from alphagrpo.verifiers import build_verifier
         reward = QuestionReward(build_verifier(args.judge))
     header = {"settings": {**dataclasses.asdict(s), "suite": suite.name, "variant": variant,
-                           "model": dataclasses.asdict(mc), "judge": args.judge if args.refine_rounds else None,
-                           "limit": args.limit},
+                           "model": dataclasses.asdict(mc), "judge": args.judge if args.refine_rounds else None},
               "suite_dir": str(suite_dir), "prompts": len(items), "split": args.split, "model_name": args.model_name,
               "seed_rule": "per prompt: (seed * 1000003 + crc32(key)) mod (2^63 - 1), see alphagrpo.eval.bench"}
     policy = load_policy(mc, default_device(args.device))

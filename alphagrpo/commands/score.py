@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default=None, help="tiif: testmini or test (default: as recorded)")
     p.add_argument("--model-name", default=None, help="tiif: the <model_name> folder (default: as recorded)")
     p.add_argument("--n", type=int, default=None, help="images per prompt (default: as recorded)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first K prompts (default: all; prompts not "
+                   "generated are counted as missing)")
     p.add_argument("--batch", type=int, default=16, help="images per verifier call")
     p.add_argument("--report", default=None, help="JSON report path (default IN/scores-<suite>.json)")
 
@@ -52,9 +53,8 @@ def run(args) -> int:
     n = args.n or ms.get("n") or 1
     suite.check(variant, n)
     items = suite.read(resolve_dir(suite, args.suite_dir or m.get("suite_dir")), variant)
-    limit = args.limit if args.limit is not None else ms.get("limit")
-    if limit is not None:
-        items = items[:limit]
+    if args.limit is not None:
+        items = items[: args.limit]
     if args.judge.strip() == "world":
         raise ValueError("--judge needs a verifier address (http://..., openai:MODEL@URL, native:PATH, hf:PATH)")
     report = score_suite(suite, inp, items, build_verifier(args.judge), judge=args.judge, n=n, batch=args.batch)
