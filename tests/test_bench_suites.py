@@ -359,3 +359,22 @@ def test_unknown_words_are_refused_by_default_and_mapped_when_asked(micro):
     assert len(load(micro).tok) == len(plain.tok)          # the vocabulary (and the model) are unchanged
     with pytest.raises(ValueError, match="not TinyUMM options"):
         load_policy(ModelConfig(path=str(micro), options=("unknown=unk",)), "cpu")
+
+
+# ---------------------------------------------------------------- the real prompt files
+_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SHARED_TIIF = next((p / "shared" / "data" / "tiif-bench-testmini" for p in (_ROOT.parent, _ROOT.parent.parent)
+                    if (p / "shared" / "data" / "tiif-bench-testmini").is_dir()),
+                   _ROOT.parent / "shared" / "data" / "tiif-bench-testmini")   # a checkout beside the shared data
+
+
+def test_shipped_and_real_prompt_files_read_completely():
+    gen_items = suites.get_suite("geneval").read(suites.ASSETS / "geneval", "short")
+    assert len(gen_items) == 553 and gen_items[552].key == "00552"
+    assert len(suites.get_suite("dpg").read(suites.ASSETS / "dpg", "default")) == 1065
+    if not SHARED_TIIF.is_dir():
+        pytest.skip(f"TIIF-Bench testmini is not at {SHARED_TIIF} (not shipped: no license)")
+    items = suites.get_suite("tiif").read(SHARED_TIIF, "short")
+    qs = [q for it in items for q in it.record["semantic_questions"]]
+    assert len(items) == 277 and len({it.record["task"] for it in items}) == 39
+    assert (len(qs), sum(judge.expected(q) == "no" for q in qs)) == (1446, 34)   # as its SOURCE.txt counts them
