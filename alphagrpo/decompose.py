@@ -5,7 +5,8 @@ An OpenAI-compatible chat endpoint (vLLM, SGLang, any hosted API) receives the t
 ``{"semantic_questions": [{"question", "tag"}], "quality_questions": [...]}``. ``parse_decomposition`` is strict: every
 question a non-empty string ending in "?", every tag one of RECIPE.md section 4's for its list, both lists non-empty.
 A malformed or incomplete answer (or a failed request) is retried up to ``retries`` times; then the prompt is reported
-and skipped, never written half-formed.
+and skipped, never written half-formed. A request the server refuses (HTTP 4xx: a wrong model name or key) stops the
+run with an error instead: no retry can fix it.
 
 Output: append-only JSONL, one complete record per line, written whole and flushed as each prompt finishes (at most
 ``concurrency`` requests in flight). A rerun skips prompts already in the file, so a stopped run resumes; a torn last
@@ -44,7 +45,8 @@ def render_prompt(prompt: str, template: Optional[str] = None) -> str:
 
 
 def _json_object(text: str) -> dict:
-    t = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text.strip())
+    t = re.sub(r"<think>.*?</think>", "", text, flags=re.S)          # reasoning models' thoughts come first
+    t = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", t.strip())
     a, b = t.find("{"), t.rfind("}")
     if a < 0 or b < a:
         raise DecompositionError("no JSON object in the answer")
@@ -100,6 +102,9 @@ class ChatLLM:
         body = {"model": self.model, "messages": [{"role": "user", "content": text}],
                 "temperature": self.temperature, "max_tokens": self.max_tokens}
         r = await client.post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
+        if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+            raise ValueError(f"{self.endpoint} refused the request (HTTP {r.status_code}: {r.text[:200]}); check "
+                             "--llm, --model and the API key")     # a setting to fix, not an answer to retry
         r.raise_for_status()
         try:
             return r.json()["choices"][0]["message"]["content"] or ""

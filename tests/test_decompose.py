@@ -21,8 +21,8 @@ GOOD2 = {"semantic_questions": [{"question": "Are there exactly two cats?", "tag
 def answer_for(prompt: str, attempt: int) -> str:
     if prompt == "a red apple on a table":
         return json.dumps(GOOD)
-    if prompt == "two cats":
-        return "```json\n" + json.dumps(GOOD2) + "\n```"          # fenced: still well formed
+    if prompt == "two cats":     # a reasoning model's thoughts (with braces), then a fenced answer: well formed
+        return "<think>a {draft} first</think>\n```json\n" + json.dumps(GOOD2) + "\n```"
     if prompt == "a flaky answer":                                  # malformed once, then good
         return "Sure! Here are" if attempt == 1 else json.dumps(GOOD)
     if prompt == "never json":
@@ -49,6 +49,11 @@ class FakeLLM:
             def do_POST(self):
                 assert self.path == "/v1/chat/completions"
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if body["model"] != "fake":
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 text = body["messages"][-1]["content"]
                 prompt = text.rsplit("Prompt: ", 1)[1].strip()
                 with fake.lock:
@@ -153,3 +158,12 @@ def test_command_reports_failures_and_exits_non_zero(tmp_path, capsys):
 def test_parse_refuses_incomplete_or_mistagged_answers(text, why):
     with pytest.raises(DecompositionError, match=why):
         parse_decomposition(text)
+
+
+def test_a_refused_request_stops_the_run_instead_of_retrying(tmp_path):
+    inp = tmp_path / "p.txt"
+    inp.write_text("two cats\n")
+    with FakeLLM(delay=0) as llm:
+        with pytest.raises(ValueError, match="HTTP 404"):
+            decompose_file(inp, tmp_path / "o.jsonl", ChatLLM(llm.url, "no-such-model"), retries=3)
+    assert (tmp_path / "o.jsonl").read_text() == ""

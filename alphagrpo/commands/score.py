@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=None, help="images per prompt (default: as recorded)")
     p.add_argument("--limit", type=int, default=None, help="only the first K prompts (default: all; prompts not "
                    "generated are counted as missing)")
-    p.add_argument("--batch", type=int, default=16, help="images per verifier call")
+    p.add_argument("--batch", type=int, default=32, help="images per verifier call (the client splits them "
+                   "into concurrent requests)")
     p.add_argument("--report", default=None, help="JSON report path (default IN/scores-<suite>.json)")
 
 

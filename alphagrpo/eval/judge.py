@@ -89,10 +89,18 @@ class QuestionReward:
                             questions=flat)
 
 
-def answer_items(suite: Suite, out: Path, items: Sequence[Item], verifier, n: int, batch: int = 16):
-    """Per found item: ``(item, [per image: [(question dict, p_yes, right)]])``; items without output are
-    skipped (returned second, by key)."""
+def answer_items(suite: Suite, out: Path, items: Sequence[Item], verifier, n: int, batch: int = 32):
+    """Per generated item with questions: ``(item, [per image: [(question dict, p_yes, right)]])``, and the keys of
+    items not generated. Images are read and scored ``batch`` at a time (memory stays bounded)."""
     found, missing, queue = [], [], []
+
+    def flush():
+        scores = verifier.score([p[2] for p in queue], [[q["question"] for q in p[3]] for p in queue])
+        for (i, k, _, qs), row in zip(queue, scores):
+            found[i][1][k] = [(q, float(p), ("yes" if float(p) > 0.5 else "no") == expected(q))
+                              for q, p in zip(qs, row)]
+        queue.clear()
+
     for it in items:
         if not suite.done(out, it):
             missing.append(it.key)
@@ -102,13 +110,12 @@ def answer_items(suite: Suite, out: Path, items: Sequence[Item], verifier, n: in
             continue
         imgs = suite.load(out, it, n)
         found.append((it, [None] * len(imgs)))
-        queue += [(len(found) - 1, k, img, qs) for k, img in enumerate(imgs)]
-    for a in range(0, len(queue), batch):
-        part = queue[a:a + batch]
-        scores = verifier.score([p[2] for p in part], [[q["question"] for q in p[3]] for p in part])
-        for (i, k, _, qs), row in zip(part, scores):
-            found[i][1][k] = [(q, float(p), ("yes" if float(p) > 0.5 else "no") == expected(q))
-                              for q, p in zip(qs, row)]
+        for k, img in enumerate(imgs):
+            queue.append((len(found) - 1, k, img, qs))
+            if len(queue) >= batch:
+                flush()
+    if queue:
+        flush()
     return found, missing
 
 
@@ -199,7 +206,7 @@ TABLES = {"tiif": tiif_table, "prompts": prompts_table, "geneval": geneval_proxy
 
 
 def score_suite(suite: Suite, out: Path, items: Sequence[Item], verifier, *, judge: str, n: int = 1,
-                batch: int = 16) -> dict:
+                batch: int = 32) -> dict:
     """Score ``out`` (a folder ``generate`` wrote for ``suite``) with ``verifier``; the report names ``judge``."""
     found, missing = answer_items(suite, Path(out), items, verifier, n, batch)
     if not found:
