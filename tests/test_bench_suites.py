@@ -250,7 +250,7 @@ def write_tiif(tmp_path, tiif_dir):
 
 def test_tiif_score_gives_the_exact_per_dimension_accuracies(tmp_path, tiif_dir):
     suite, out, items = write_tiif(tmp_path, tiif_dir)
-    r = judge.score_suite(suite, out, items, StubVerifier(), judge="stub")
+    r = judge.score_suite(suite, out, items, StubVerifier(), judge="stub", batch=3)   # 3 calls
     # short: 2d relation (yes,no,yes vs yes,yes,yes) + (yes,no vs no,no) = 3/5; style 1/1; negation (no vs no) 1/1
     # long: every answer "no": 2d relation 0/3 + 2/2 = 2/5; style 0/1; negation 1/1
     assert r["per_type"]["2d_spatial_relation"] == pytest.approx({"short": 60.0, "long": 40.0})
