@@ -184,7 +184,8 @@ async def _decompose(llm: ChatLLM, records: Sequence[dict], out: Path, *, concur
                 async with sem:
                     for attempt in range(1 + retries):
                         try:
-                            parsed = parse_decomposition(await llm.complete(client, render_prompt(rec["prompt"], template)))
+                            answer = await llm.complete(client, render_prompt(rec["prompt"], template))
+                            parsed = parse_decomposition(answer)
                         except (DecompositionError, httpx.HTTPError) as e:
                             reason = f"{type(e).__name__}: {e}"
                             log.info("attempt %d for %r failed: %s", attempt + 1, rec["prompt"][:60], reason)

@@ -91,7 +91,7 @@ def test_tiif_layout_is_what_eval_with_vlm_reads(tmp_path, tiif_dir, micro):
     out = tmp_path / "tiif"
     assert gen(out, "tiif", "--suite-dir", str(tiif_dir / "data"), "--model-name", "mymodel", "--no-think",
                micro=micro) == 0
-    # eval_with_vlm.py: for each eval file, type = its first line's "type"; image <image_dir>/<type>/<model>/<desc>/<i>.*
+    # eval_with_vlm.py: per eval file, type = its first line's "type"; image <image_dir>/<type>/<model>/<desc>/<i>.*
     for f in (tiif_dir / "data" / "testmini_eval_prompts").glob("*.jsonl"):
         lines = f.read_text().splitlines()
         typ = json.loads(lines[0])["type"]

@@ -33,7 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=40, help="ODE steps (default 40)")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--cfg-scale", type=float, default=4.0, help="text CFG scale (default 4.0)")
-    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True, help="think before drawing (--no-think: off)")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
+                   help="think before drawing (--no-think: off)")
     p.add_argument("--max-think-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0, help="think sampling temperature")
     p.add_argument("--resolution", type=int, default=None, help="saved image size (default: the policy's own)")

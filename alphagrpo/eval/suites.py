@@ -1,13 +1,14 @@
 """Benchmark suites: each benchmark's own prompt files -> ``Item`` records, and each benchmark's official output
 layout, written so that its official scorer runs unchanged on our folder.
 
-| suite     | reads                                                        | writes (under OUT)                                        |
-|-----------|--------------------------------------------------------------|-----------------------------------------------------------|
-| geneval   | ``evaluation_metadata.jsonl`` (+ ``..._long.jsonl`` rewrite)  | ``<index:05d>/metadata.jsonl``, ``<index:05d>/samples/<k:04d>.png`` |
-| tiif      | ``<split>_prompts/<type>_prompts.jsonl`` (+ ``_eval_prompts``)| ``<type>/<model_name>/{short,long}_description/<line>.png``|
-| dpg       | ``dpg_bench_prompts.jsonl`` or ``prompts/<item_id>.txt`` (+ ``dpg_bench.csv``) | ``<item_id>.png``: the samples tiled 2x2 |
-| wise      | WISE's ``*.json`` prompt lists (``prompt_id``, ``Prompt``)    | ``<prompt_id>.png``                                       |
-| prompts   | any JSONL in the authors' schema, or a text file of prompts  | as geneval: ``<index:05d>/metadata.jsonl`` + ``samples/`` |
+- ``geneval``: reads ``evaluation_metadata.jsonl`` (``--variant long``: also its ``_long.jsonl`` rewrite); writes
+  ``<index:05d>/metadata.jsonl`` (the line, one JSON object) and ``<index:05d>/samples/<k:04d>.png``.
+- ``tiif``: reads ``<split>_prompts/<type>_prompts.jsonl`` (questions from ``<split>_eval_prompts/``); writes
+  ``<type>/<model_name>/{short,long}_description/<line>.png``.
+- ``dpg``: reads ``dpg_bench_prompts.jsonl`` or ``prompts/<item_id>.txt`` (questions from ``dpg_bench.csv``); writes
+  ``<item_id>.png``, the samples tiled 2x2.
+- ``wise``: reads WISE's ``*.json`` prompt lists (``prompt_id``, ``Prompt``); writes ``<prompt_id>.png``.
+- ``prompts``: reads a JSONL in the authors' schema or a text file of prompts; writes as geneval.
 
 Every item's outputs are written atomically (hidden temporary name, then one rename), so an item is complete exactly
 when its final path exists: that is the resume rule. Temporary names start with a dot; GenEval's scorer reads only
