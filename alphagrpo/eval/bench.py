@@ -149,8 +149,12 @@ def run_suite(policy, suite: Suite, items: Sequence[Item], out: Path, s: GenSett
     ``(images, records) -> RewardResult`` (needed for refinement). ``header``: manifest fields (settings, suite...)."""
     out = Path(out)
     if s.refine_rounds > 0:
+        from alphagrpo.models.policy import has_think
         if reward is None:
             raise ValueError("refinement needs a judge: pass --judge ADDRESS")
+        if not has_think(policy):
+            raise ValueError(f"self-reflective refinement needs a policy that writes think text; "
+                             f"{type(policy).__name__} has none (has_think is False)")
         empty = [it.key for it in items if not it.record.get("semantic_questions")]
         if empty:
             raise ValueError(f"refinement needs yes/no questions per prompt; {len(empty)} prompts have none (e.g. "
