@@ -1,4 +1,4 @@
-"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,data} ...``.
+"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,ablate,data} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; this file only
 wires them, so importing it does no work and a command's heavy imports happen when it runs.
@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("alphagrpo.train.demo", "short RT2I GRPO run from the shipped checkpoint, with before/after evaluation"),
-    "pretrain": ("alphagrpo.train.pretrain", "supervised pretraining of TinyUMM on rendered scenes"),
-    "train": ("alphagrpo.train.run", "GRPO training (RT2I or SRR) from a named recipe"),
-    "eval": ("alphagrpo.train.evaluate", "held-out accuracy and mean DVReward of a checkpoint"),
-    "refine": ("alphagrpo.train.refine", "inference-time self-reflective refinement on held-out prompts"),
-    "ablate": ("alphagrpo.train.ablate", "the paper's ablations (FPR, scoring, reward) in the shapes world"),
-    "data": ("alphagrpo.worlds.cli", "synthesize prompt data and check the programmatic verifier"),
+    "demo": ("alphagrpo.commands.demo", "short RT2I GRPO run from the shipped checkpoint, with before/after evaluation"),
+    "pretrain": ("alphagrpo.commands.pretrain", "supervised pretraining of TinyUMM on rendered scenes"),
+    "train": ("alphagrpo.commands.train", "GRPO training (RT2I or SRR) of any policy from a named recipe"),
+    "eval": ("alphagrpo.commands.eval", "held-out accuracy and mean DVReward of a policy"),
+    "refine": ("alphagrpo.commands.refine", "inference-time self-reflective refinement on held-out prompts"),
+    "ablate": ("alphagrpo.commands.ablate", "the paper's ablations (FPR, scoring, reward) in the shapes world"),
+    "data": ("alphagrpo.commands.data", "synthesize prompt data and check the programmatic verifier"),
 }
 
 
@@ -46,17 +46,17 @@ def _missing(module: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one command. Bad input (a wrong config value, a missing or incompatible checkpoint or data file) ends
-    with ``error: <what to change>`` on stderr and exit status 2 instead of a traceback; ``ALPHAGRPO_DEBUG=1``
-    re-raises for the traceback."""
+    """Run one command. Bad input (a wrong config value, a missing or incompatible checkpoint or data file, an
+    unwritable folder, a missing optional extra) ends with one line ``error: <what to change>`` on stderr and exit
+    status 2 instead of a traceback; ``ALPHAGRPO_DEBUG=1`` re-raises for the traceback."""
     import os
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError) as e:
         if os.environ.get("ALPHAGRPO_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

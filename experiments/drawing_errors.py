@@ -1,6 +1,6 @@
 """Where does the generator fail when the plan is right?
 
-    python -m bench.drawing_errors [--checkpoint DIR] [--n 256] [--out bench/results/drawing_errors_cpu.json]
+    python -m experiments.drawing_errors [--checkpoint DIR] [--n 256] [--out experiments/results/drawing_errors_cpu.json]
 
 For ``--n`` held-out prompts, a right plan of the world's own (a satisfying scene, as ``alphagrpo eval
 --oracle-plans`` draws from) is given to the model as its think text and drawn with the evaluation's ODE sampler.
@@ -50,17 +50,17 @@ def main(argv=None) -> int:
     import torch
 
     from alphagrpo.models.policy import GenRequest
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.models.registry import ModelConfig, load_policy
     from alphagrpo.train.config import get_recipe
-    from alphagrpo.train.evaluate import generate
-    from alphagrpo.train.world import load_world
+    from alphagrpo.eval.evaluate import generate
+    from alphagrpo.worlds.registry import load_world
     from alphagrpo.worlds import shapes as S
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="TinyUMM checkpoint folder (default: the shipped one)")
     p.add_argument("--n", type=int, default=256, help="held-out prompts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results/drawing_errors_cpu.json")
+    p.add_argument("--out", default="experiments/results/drawing_errors_cpu.json")
     args = p.parse_args(argv)
     if args.n < 1:
         raise SystemExit("--n must be >= 1")
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     cfg = get_recipe("tiny_shapes")
     cfg.data.test_size = max(cfg.data.test_size, args.n)
     world = load_world(cfg.data)
-    pol = load_policy(args.checkpoint, "cpu", world)
+    pol = load_policy(ModelConfig(path=args.checkpoint), "cpu", world=world)
     recs = world.test[: args.n]
     rng = np.random.default_rng(args.seed)
     scenes = [S.sample_scene(r, rng) for r in recs]
