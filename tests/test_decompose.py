@@ -1,6 +1,5 @@
 """``alphagrpo data decompose`` against a fake OpenAI-compatible server on 127.0.0.1: strict parsing, bounded retries,
 bounded concurrency, append-only resumable output."""
-import argparse
 import json
 import threading
 import time
@@ -132,14 +131,12 @@ def test_a_torn_last_line_is_dropped_and_its_prompt_asked_again(tmp_path):
 
 
 def test_command_reports_failures_and_exits_non_zero(tmp_path, capsys):
-    from alphagrpo.commands import decompose as cmd
+    from alphagrpo.cli import main
     inp = tmp_path / "p.txt"
     inp.write_text("two cats\nnever json\n")
-    p = argparse.ArgumentParser()
-    cmd.add_arguments(p)
     with FakeLLM(delay=0) as llm:
-        rc = cmd.run(p.parse_args(["--llm", llm.url, "--model", "fake", "--in", str(inp), "--out",
-                                   str(tmp_path / "o.jsonl"), "--retries", "1"]))
+        rc = main(["data", "decompose", "--llm", llm.url, "--model", "fake", "--in", str(inp), "--out",
+                   str(tmp_path / "o.jsonl"), "--retries", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 1
     assert any("never json" in ln and "skipped" in ln for ln in lines)

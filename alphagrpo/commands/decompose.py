@@ -29,8 +29,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from alphagrpo.commands.common import setup_logging
     from alphagrpo.decompose import ChatLLM, api_key_from_env, decompose_file
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     llm = ChatLLM(args.llm, args.model, api_key=api_key_from_env(args.api_key_env), temperature=args.temperature)
     try:
         from tqdm import tqdm

@@ -11,7 +11,6 @@ variant, images per prompt) are read from the folder's manifest.json. Writes a J
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 
@@ -34,11 +33,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from alphagrpo.commands.common import print_table, setup_logging
     from alphagrpo.eval.judge import format_report, score_suite
     from alphagrpo.eval.suites import get_suite, resolve_dir
     from alphagrpo.verifiers import build_verifier
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     inp = Path(args.inp)
     mpath = inp / "manifest.json"
     m = json.loads(mpath.read_text()) if mpath.is_file() else {"settings": {}}
@@ -63,7 +62,7 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     title, rows, header = format_report(report)
-    _table(title, rows, header)
+    print_table(title, rows, header)
     if "note" in report:
         print(report["note"])
     line = {"suite": args.suite, "judge": args.judge, "report": str(out), "scored_prompts": report["scored_prompts"],
@@ -74,12 +73,3 @@ def run(args) -> int:
     print(json.dumps(line))
     return 0
 
-
-def _table(title, rows, header) -> None:
-    cols = list(zip(*([header] + [list(map(str, r)) for r in rows])))
-    widths = [max(len(x) for x in c) for c in cols]
-    print(f"\n{title}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))

@@ -18,14 +18,17 @@ import logging
 import os
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from alphagrpo.eval.evaluate import EvalSettings, generate
+from alphagrpo.eval.refine import refine
 from alphagrpo.eval.suites import Item, Suite
+from alphagrpo.models.policy import GenRequest, has_think
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -34,24 +37,19 @@ FORMAT = "alphagrpo.bench/v1"
 
 @dataclass
 class GenSettings:
-    """How images are drawn. ``refine_only_failed``: refine only samples with a failing question (else every
-    sample goes through all ``refine_rounds``; both keep the best-scoring image)."""
+    """How a suite is drawn: the sampler settings (``EvalSettings``: steps, shift, guidance, think, batch, seed),
+    images per prompt, saved size, and refinement. ``refine_only_failed``: refine only samples with a failing
+    question (else every sample goes through all ``refine_rounds``; both keep each sample's best image)."""
+    sampling: EvalSettings = field(default_factory=EvalSettings)
     n: int = 4                      # images per prompt
-    steps: int = 40                 # ODE steps (RECIPE.md section 3: evaluation uses 40)
-    shift: float = 3.0              # sigma shift
-    cfg_scale: float = 4.0          # text CFG scale
-    think: bool = True              # write think text before drawing (policies with has_think)
-    max_think_tokens: int = 48
-    temperature: float = 1.0        # think sampling temperature
     resolution: Optional[int] = None   # saved image size in pixels (None: the policy's own)
-    seed: int = 0
     refine_rounds: int = 0
     refine_only_failed: bool = False
-    batch: int = 8                  # images per sampler call
 
     def __post_init__(self):
-        if self.n < 1 or self.steps < 1 or self.batch < 1:
-            raise ValueError(f"--n, --steps and --batch must be >= 1, got {self.n}, {self.steps}, {self.batch}")
+        if self.n < 1 or self.sampling.num_steps < 1 or self.sampling.batch < 1:
+            raise ValueError(f"--n, --steps and --batch must be >= 1, got {self.n}, {self.sampling.num_steps}, "
+                             f"{self.sampling.batch}")
         if self.refine_rounds < 0:
             raise ValueError(f"--refine-rounds must be >= 0, got {self.refine_rounds}")
         if self.resolution is not None and self.resolution < 8:
@@ -115,19 +113,15 @@ def _resize(images: np.ndarray, size: Optional[int]) -> list:
 
 def draw_item(policy, item: Item, s: GenSettings, reward=None) -> tuple[list, dict]:
     """Images ``[n]`` for one item, and its manifest entry."""
-    from alphagrpo.models.policy import CFGConfig, GenRequest, has_think
-    from alphagrpo.train.evaluate import generate
-    think = s.think and has_think(policy)
+    think = s.sampling.think and has_think(policy)
     prompt = item.prompt + (f"\n{item.hint}" if think and item.hint else "")
-    seed = item_seed(s.seed, item.key)
-    cfg = CFGConfig(text_scale=s.cfg_scale)
+    seed = item_seed(s.sampling.seed, item.key)
+    sampling = replace(s.sampling, seed=seed)
     entry = {"seed": seed, "prompt": prompt}
     if s.refine_rounds > 0:
-        from alphagrpo.train.refine import refine
         rec = dict(item.record, prompt=prompt)
-        res = refine(policy, reward, [rec] * s.n, rounds=s.refine_rounds,
-                     threshold=None if s.refine_only_failed else float("inf"), num_steps=s.steps, shift=s.shift,
-                     cfg=cfg, seed=seed, batch=s.batch, max_think_tokens=s.max_think_tokens)
+        res = refine(policy, reward, [rec] * s.n, sampling, rounds=s.refine_rounds,
+                     threshold=None if s.refine_only_failed else float("inf"))
         images = res.images
         entry["refine"] = {"rounds_used": list(res.rounds_used),
                            "initial_reward": [t[0][2] for t in res.trace],
@@ -135,9 +129,7 @@ def draw_item(policy, item: Item, s: GenSettings, reward=None) -> tuple[list, di
                            "think": [[step[0] for step in t] for t in res.trace]}
     else:
         g = torch.Generator().manual_seed(seed)
-        images, texts = generate(policy, [GenRequest(prompt)] * s.n, num_steps=s.steps, shift=s.shift, cfg=cfg,
-                                 generator=g, think=think, max_think_tokens=s.max_think_tokens, batch=s.batch,
-                                 temperature=s.temperature)
+        images, texts = generate(policy, [GenRequest(prompt)] * s.n, sampling, generator=g)
         if think:
             entry["think"] = list(texts)
     return _resize(np.asarray(images), s.resolution), entry
@@ -149,7 +141,6 @@ def run_suite(policy, suite: Suite, items: Sequence[Item], out: Path, s: GenSett
     ``(images, records) -> RewardResult`` (needed for refinement). ``header``: manifest fields (settings, suite...)."""
     out = Path(out)
     if s.refine_rounds > 0:
-        from alphagrpo.models.policy import has_think
         if reward is None:
             raise ValueError("refinement needs a judge: pass --judge ADDRESS")
         if not has_think(policy):
