@@ -16,7 +16,8 @@ import sys
 def add_arguments(p) -> None:
     p.add_argument("--llm", required=True, help="OpenAI-compatible server: http://HOST:PORT (or .../v1)")
     p.add_argument("--model", required=True, help="the model name the server serves")
-    p.add_argument("--in", dest="inp", required=True, help="prompts: a text file (one per line) or a JSONL")
+    p.add_argument("--in", dest="inp", metavar="PROMPTS", required=True,
+                   help="prompts: a text file (one per line) or a JSONL")
     p.add_argument("--field", default="prompt", help="JSONL: the field holding the prompt (default 'prompt'); other "
                    "fields are kept in the output")
     p.add_argument("--out", required=True, help="output JSONL (appended to; reruns resume)")

@@ -17,7 +17,7 @@ from pathlib import Path
 def add_arguments(p) -> None:
     from alphagrpo.eval.suites import SUITES
     p.add_argument("--suite", required=True, choices=list(SUITES))
-    p.add_argument("--in", dest="inp", required=True, help="the folder alphagrpo generate wrote")
+    p.add_argument("--in", dest="inp", metavar="DIR", required=True, help="the folder alphagrpo generate wrote")
     p.add_argument("--judge", required=True, help="verifier address: http://HOST:PORT (verifier-engine serve), "
                    "openai:MODEL@URL, native:PATH, hf:PATH")
     p.add_argument("--suite-dir", default=None, help="the benchmark's files (default: as recorded at generation)")
