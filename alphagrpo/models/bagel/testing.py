@@ -1,0 +1,91 @@
+"""A tiny random BAGEL for CPU tests and the command-line test: built from a config in code, no downloads.
+
+Same module classes as BAGEL-7B-MoT (nemo's MoT Qwen2, SigLIP-NaViT, FLUX-style autoencoder), scaled down: 2 decoder
+layers of width 64 (4 query heads, 2 key/value heads), a 2-layer ViT of width 32 on 8-pixel patches, an autoencoder
+with 32 channels, z = 4 and factor 8, and a byte-level BPE tokenizer (256 byte symbols, no merges, plus BAGEL's
+special tokens) built in memory, so any prompt tokenizes. At the default 64 px an image is 16 latent tokens of 16
+values. ``save_tiny_bagel(folder)`` writes the files a BAGEL folder has (plus our ``ae_config.json`` and
+``generation.json``), which ``load_bagel`` reads like the real one.
+
+Pitfalls handled (ADAPTERS.md): ``pad_token_id`` inside the tiny vocabulary; ``stage=2`` (otherwise the layer class
+is the non-MoT one); ViT ``image_size / patch_size == vit_max_num_patch_per_side``; ``llm2vae`` re-initialised (it is
+zero-initialised, which makes every velocity 0); the LM head's
+``<|im_end|>`` row doubled so that sampled think texts stop at varied lengths (per-sample stop is exercised).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from alphagrpo.models.bagel._nemo import require
+from alphagrpo.models.bagel.loading import SPECIAL
+
+TINY_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+                hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False, model_type="qwen2")
+TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=8,
+                image_size=64, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                model_type="siglip_vision_model")   # 3 layers stated: BAGEL drops the last (vit_select_layer=-2)
+TINY_AE = dict(resolution=64, in_channels=3, downsample=8, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1],
+               num_res_blocks=1, z_channels=4, scale_factor=0.3611, shift_factor=0.1159)
+TINY_RESOLUTION = 64
+TINY_MAX_LATENT = 8           # latent grid side limit (64 px / 16 = 4 needed)
+TINY_VIT_SIDE = 8             # = image_size / patch_size
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (no merges) with BAGEL's special tokens, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<|endoftext|>"] + list(SPECIAL.values()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   model_max_length=4096)
+
+
+def tiny_bagel(seed: int = 0):
+    """``(bagel, autoencoder, tokenizer)``: random tiny modules in float32 and train mode, as built."""
+    ns = require()
+    tok = tiny_tokenizer()
+    llm = dict(TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id, qk_norm=True,
+               layer_module="Qwen2MoTDecoderLayer")
+    cfg = ns.BagelConfig(text_config=llm, vision_config=dict(TINY_VIT, rope=False), visual_und=True, visual_gen=True,
+                         stage=2, max_latent_size=TINY_MAX_LATENT, latent_patch_size=2, vit_patch_size=8,
+                         vit_max_num_patch_per_side=TINY_VIT_SIDE, connector_act="gelu_pytorch_tanh",
+                         vit_select_layer=-2, vit_rope=False, timestep_shift=1.0, pad_token_id=tok.pad_token_id,
+                         vae_config={"z_channels": TINY_AE["z_channels"], "downsample": TINY_AE["downsample"]})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bagel = ns.Bagel(cfg)
+        vae = ns.AutoEncoder(ns.AutoEncoderParams(**TINY_AE))
+        m = bagel.model
+        torch.nn.init.normal_(m.llm2vae.weight, std=0.2)
+        torch.nn.init.normal_(m.llm2vae.bias, std=0.1)
+        torch.nn.init.normal_(m.language_model.lm_head.weight, std=0.5)   # peaked next-token distributions
+        torch.nn.init.normal_(m.language_model.model.embed_tokens.weight, std=0.5)
+        m.language_model.lm_head.weight.data[tok.convert_tokens_to_ids(SPECIAL["eos"])] *= 2.0  # varied think lengths
+    return bagel, vae, tok
+
+
+def save_tiny_bagel(folder, seed: int = 0) -> Path:
+    """Write a tiny BAGEL folder (bfloat16 weights) that ``load_bagel`` reads; returns its path."""
+    from safetensors.torch import save_file
+    bagel, vae, tok = tiny_bagel(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    llm = dict(TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    (folder / "llm_config.json").write_text(json.dumps(llm, indent=1))
+    (folder / "vit_config.json").write_text(json.dumps(TINY_VIT, indent=1))
+    (folder / "ae_config.json").write_text(json.dumps(TINY_AE, indent=1))
+    (folder / "generation.json").write_text(json.dumps({"resolution": TINY_RESOLUTION}))
+    state = {k.removeprefix("model."): v.detach().to(torch.bfloat16).contiguous()
+             for k, v in bagel.state_dict().items()}
+    save_file(state, str(folder / "ema.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(folder / "ae.safetensors"))
+    tok.save_pretrained(str(folder))
+    return folder
