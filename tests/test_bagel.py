@@ -294,3 +294,26 @@ def test_encode_decode_shapes_and_determinism(folder):
     assert imgs.shape == (2, 64, 64, 3) and imgs.dtype == np.uint8
     z1, z2 = pol.encode(imgs), pol.encode(imgs)
     assert z1.shape == (2, *pol.latent_shape) and torch.equal(z1, z2)   # posterior mean: no hidden noise
+
+
+def test_merged_adapters_and_a_full_save_reload_as_a_plain_bagel_folder(folder, tmp_path):
+    pol = load(folder)
+    pol.enable_lora(4, 8.0, seed=0)
+    _perturb_lora_b(pol)
+    reqs = [GenRequest(PROMPTS[1])]
+    x = torch.randn(1, *pol.latent_shape, generator=gen(8))
+    with torch.no_grad():
+        before = pol.velocity(x, 0.5, pol.image_condition(reqs, None, T2I))
+    pol.merge_lora()
+    assert pol.lora is None and not pol._lora_layers()
+    assert all(not p.requires_grad for p in pol.m.vit_model.parameters())
+    assert any(p.requires_grad for p in pol.lm.parameters())
+    with torch.no_grad():
+        merged = pol.velocity(x, 0.5, pol.image_condition(reqs, None, T2I))
+    # folding float32 adapters into bfloat16 weights rounds each weight once: close, not equal
+    torch.testing.assert_close(merged, before, rtol=0.05, atol=0.05 * before.abs().max().item())
+    pol.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "ema.safetensors").is_file() and not (tmp_path / "full" / "alphagrpo_bagel.json").exists()
+    back = load(tmp_path / "full")
+    with torch.no_grad():
+        assert torch.equal(back.velocity(x, 0.5, back.image_condition(reqs, None, T2I)), merged)

@@ -113,8 +113,9 @@ class BagelPolicy(PolicyBase):
         return [p for p in self.bagel.parameters() if p.requires_grad]
 
     def shard_modules(self) -> list:
-        """The decoder layers (FSDP2 units), then the root; see docs/bagel.md for the entry-point rule."""
-        return list(self.lm.model.layers) + [self.bagel]
+        """The decoder layers (FSDP2 units). Only they: the adapter calls the embeddings, heads, ViT and autoencoder
+        directly, which FSDP2 allows only for modules entered through their own ``forward`` (docs/bagel.md)."""
+        return list(self.lm.model.layers)
 
     def _layers(self):
         return self.lm.model.layers
