@@ -1,4 +1,4 @@
-"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,data} ...``.
+"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,ablate,data} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; this file only
 wires them, so importing it does no work and a command's heavy imports happen when it runs.
@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("alphagrpo.train.demo", "short RT2I GRPO run from the shipped checkpoint, with before/after evaluation"),
-    "pretrain": ("alphagrpo.train.pretrain", "supervised pretraining of TinyUMM on rendered scenes"),
-    "train": ("alphagrpo.train.run", "GRPO training (RT2I or SRR) from a named recipe"),
-    "eval": ("alphagrpo.train.evaluate", "held-out accuracy and mean DVReward of a checkpoint"),
-    "refine": ("alphagrpo.train.refine", "inference-time self-reflective refinement on held-out prompts"),
-    "ablate": ("alphagrpo.train.ablate", "the paper's ablations (FPR, scoring, reward) in the shapes world"),
-    "data": ("alphagrpo.worlds.cli", "synthesize prompt data and check the programmatic verifier"),
+    "demo": ("alphagrpo.commands.demo", "short RT2I GRPO run from the shipped checkpoint, with before/after evaluation"),
+    "pretrain": ("alphagrpo.commands.pretrain", "supervised pretraining of TinyUMM on rendered scenes"),
+    "train": ("alphagrpo.commands.train", "GRPO training (RT2I or SRR) of any policy from a named recipe"),
+    "eval": ("alphagrpo.commands.eval", "held-out accuracy and mean DVReward of a policy"),
+    "refine": ("alphagrpo.commands.refine", "inference-time self-reflective refinement on held-out prompts"),
+    "ablate": ("alphagrpo.commands.ablate", "the paper's ablations (FPR, scoring, reward) in the shapes world"),
+    "data": ("alphagrpo.commands.data", "synthesize prompt data and check the programmatic verifier"),
 }
 
 

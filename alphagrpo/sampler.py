@@ -119,12 +119,22 @@ class StepRecord:
 
 
 @torch.no_grad()
-def sample_flow(policy, cond, n: int, *, num_steps: int, shift: float = 3.0, noise_level: float = 0.7,
-                window: Optional[range] = None, generator: Optional[torch.Generator] = None,
-                device: Optional[torch.device] = None):
+def sample_flow(policy, cond, n: int, *, num_steps: Optional[int] = None, shift: float = 3.0,
+                noise_level: float = 0.7, window: Optional[range] = None,
+                generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None,
+                sigmas: Optional[torch.Tensor] = None):
     """Run the sampler of RECIPE.md sections 2-3 through any ``Policy``: ODE steps everywhere except the SDE
-    ``window`` (if any), whose steps are recorded. Returns ``(x0 [n, *latent_shape], [StepRecord, ...])``."""
-    sig = flow_sigmas(num_steps, shift)
+    ``window`` (if any), whose steps are recorded. The grid is ``sigmas`` (float32 ``[N + 1]`` from 1 to 0, e.g. a
+    policy's own) or ``flow_sigmas(num_steps, shift)``. Returns ``(x0 [n, *latent_shape], [StepRecord, ...])``."""
+    if sigmas is None:
+        if num_steps is None:
+            raise ValueError("sample_flow needs num_steps or sigmas")
+        sig = flow_sigmas(num_steps, shift)
+    else:
+        sig = torch.as_tensor(sigmas, dtype=torch.float32)
+        if num_steps is not None and len(sig) != num_steps + 1:
+            raise ValueError(f"sigmas has {len(sig)} values, num_steps={num_steps} needs {num_steps + 1}")
+        num_steps = len(sig) - 1
     x = torch.randn((n,) + tuple(policy.latent_shape), generator=generator, dtype=torch.float32)
     if device is not None:
         x = x.to(device)

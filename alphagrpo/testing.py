@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alphagrpo.train.world import World
+from alphagrpo.worlds.base import World
 
 WORDS = ["make", "a", "bright", "dark", "image", "light", "please", "is", "the", "?", "plan", ":", "white", "black"]
 
@@ -43,7 +43,7 @@ def brightness_world(n_train: int = 8, n_test: int = 8) -> World:
     v = BrightnessVerifier()
     return World(train=[rec(i) for i in range(n_train)], test=[rec(i) for i in range(n_test)], verifier=v,
                  judge=lambda img, r: float(np.asarray(img).mean()) / 255.0 > 0.55, words=list(WORDS),
-                 sample_target=lambda r, rng: ("plan : white", np.full((16, 16, 3), 230, np.uint8)))
+                 sample_target=lambda r, rng: ("plan : white", np.full((16, 16, 3), 230, np.uint8)), name="brightness")
 
 
 def micro_policy(seed: int = 0, image_size: int = 16):
@@ -51,7 +51,7 @@ def micro_policy(seed: int = 0, image_size: int = 16):
     import torch
 
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
-    from alphagrpo.train.trainer import reflection_words
+    from alphagrpo.train.srr import reflection_words
     torch.manual_seed(seed)
     return TinyUMMPolicy.create(WORDS + reflection_words(), dim=32, n_layers=1, n_heads=2, image_size=image_size, max_positions=160)
 
@@ -74,8 +74,8 @@ def dist_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         world = brightness_world()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)   # per-rank generator, as train() does
         tr = GRPOTrainer(micro_policy(0), DVReward(world.verifier), cfg, generator=gen)
-        tr.step(world.train[2 * rank:2 * rank + 2])
-        torch.save({"raw": tr.last_rewards["raw"], "adv": tr.last_rewards["advantages"]}, f"{out_dir}/rank{rank}.pt")
+        res = tr.step(world.train[2 * rank:2 * rank + 2])
+        torch.save({"raw": res.rewards, "adv": res.advantages}, f"{out_dir}/rank{rank}.pt")
         tr.close()
     finally:
         dist.destroy_process_group()

@@ -50,10 +50,10 @@ def main(argv=None) -> int:
     import torch
 
     from alphagrpo.models.policy import GenRequest
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.models.registry import ModelConfig, load_policy
     from alphagrpo.train.config import get_recipe
-    from alphagrpo.train.evaluate import generate
-    from alphagrpo.train.world import load_world
+    from alphagrpo.eval.evaluate import generate
+    from alphagrpo.worlds.registry import load_world
     from alphagrpo.worlds import shapes as S
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     cfg = get_recipe("tiny_shapes")
     cfg.data.test_size = max(cfg.data.test_size, args.n)
     world = load_world(cfg.data)
-    pol = load_policy(args.checkpoint, "cpu", world)
+    pol = load_policy(ModelConfig(path=args.checkpoint), "cpu", world=world)
     recs = world.test[: args.n]
     rng = np.random.default_rng(args.seed)
     scenes = [S.sample_scene(r, rng) for r in recs]

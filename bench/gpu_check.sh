@@ -6,6 +6,11 @@
 # Everything goes to $OUT when set (else bench/results/gpu_check/); bench.kernels also writes
 # bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 s) keep the whole run under 8 minutes.
 # The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
+# Between 2 and 3, when the interpreter imports tensorrt_llm: the trtllm backend check (python -m bench.trtllm_check:
+#   agreement with hf, repeat from the KV cache, image hashing, throughput next to native; TRTLLM_MODEL=/ckpt to use
+#   a real Qwen2.5-VL checkpoint, else a random-weight 3B-shaped one; timeout TRTLLM_TIMEOUT, default 300 s, outside
+#   the 8-minute budget above); when tensorrt_llm does not import it prints that it was skipped and costs nothing.
+#   SKIP_TRTLLM=1 skips it.
 # Usage: bash bench/gpu_check.sh        (PY=/path/to/python to pick the interpreter)
 #        SWEEP=1 SKIP_VERIFIER=1 bash bench/gpu_check.sh   (also time the AR kernel's tile candidates)
 #        DEMO_STEPS=80 DEMO_SET="optim.lr=3e-5" bash bench/gpu_check.sh   (4/4: after the kernels, `alphagrpo demo`
@@ -75,6 +80,21 @@ if [ -f "$ROOT/bench/verifier.py" ] && [ "${SKIP_VERIFIER:-0}" != 1 ]; then
   tail -n 5 "$OUT_DIR/verifier.txt"
 fi
 
+RC_TRTLLM="not run"
+if [ "${SKIP_TRTLLM:-0}" = 1 ]; then
+  RC_TRTLLM="not run (SKIP_TRTLLM=1)"; log "trtllm check SKIPPED (SKIP_TRTLLM=1)"
+elif "$PY" -c "import tensorrt_llm" > "$OUT_DIR/trtllm_import.txt" 2>&1; then
+  log "trtllm backend check (timeout ${TRTLLM_TIMEOUT:-300} s)"
+  TRT_ARGS=(--out "$OUT_DIR")
+  [ -n "${TRTLLM_MODEL:-}" ] && TRT_ARGS+=(--model "$TRTLLM_MODEL")
+  timeout "${TRTLLM_TIMEOUT:-300}" "$PY" -m bench.trtllm_check "${TRT_ARGS[@]}" > "$OUT_DIR/trtllm_check.txt" 2>&1
+  RC_TRTLLM=$?
+  sed '$d' "$OUT_DIR/trtllm_check.txt" | tail -n 14
+else
+  RC_TRTLLM="skipped (tensorrt_llm does not import)"
+  log "trtllm check SKIPPED: tensorrt_llm does not import with $PY ($(tail -n 1 "$OUT_DIR/trtllm_import.txt"))"
+fi
+
 log "3/3 kernel benchmarks (timeout 220 s)"
 SWEEP_ARGS=()
 if [ "${SWEEP:-0}" = 1 ]; then SWEEP_ARGS=(--sweep-ar-tiles); fi   # tuning aid; set SKIP_VERIFIER=1 to make room
@@ -82,7 +102,7 @@ timeout 220 "$PY" -m bench.kernels --time-budget 170 --out "$OUT_DIR/kernels.jso
   > "$OUT_DIR/kernels.txt" 2> "$OUT_DIR/kernels.stderr.txt"
 RC_KERNELS=$?
 
-log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, kernels rc=$RC_KERNELS (outputs in $OUT_DIR)"
+log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, trtllm check rc=$RC_TRTLLM, kernels rc=$RC_KERNELS (outputs in $OUT_DIR)"
 tail -n 3 "$OUT_DIR/kernels.stderr.txt" 2>/dev/null
 if [ -s "$OUT_DIR/kernels.txt" ]; then
   tail -n 1 "$OUT_DIR/kernels.txt"                                 # the JSON line

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     from alphagrpo import kernels
     from alphagrpo.advantages import group_advantages
     from alphagrpo.models.policy import GenRequest
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.models.registry import ModelConfig, load_policy
     from alphagrpo.train.config import get_recipe
-    from alphagrpo.train.world import load_world
+    from alphagrpo.worlds.registry import load_world
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="TinyUMM checkpoint (default: the shipped one)")
     p.add_argument("--steps", type=int, default=300)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     world = load_world(cfg.data)
     if getattr(world, "plan_ok", None) is None:
         raise ValueError("this probe needs a world that reads plans (World.plan_ok)")
-    policy = load_policy(a.checkpoint or cfg.init, "cpu", world)
+    policy = load_policy(ModelConfig(path=a.checkpoint or cfg.model.path), "cpu", world=world)
     test, train = world.test[:a.eval_n], list(world.train)
     t0 = time.time()
     before = {"held_out": plan_accuracy(policy, world, test, 1), "rl_prompts": plan_accuracy(policy, world, train[:a.rl_eval_n], 2)}

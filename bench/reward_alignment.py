@@ -54,10 +54,10 @@ def correct_advantage(rewards: np.ndarray, correct: np.ndarray, groups: np.ndarr
 
 def main(argv=None) -> int:
     from alphagrpo.models.policy import GenRequest
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.models.registry import ModelConfig, load_policy
     from alphagrpo.train.config import get_recipe
-    from alphagrpo.train.evaluate import generate
-    from alphagrpo.train.world import load_world
+    from alphagrpo.eval.evaluate import generate
+    from alphagrpo.worlds.registry import load_world
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     cfg = get_recipe("tiny_shapes")
     world = load_world(cfg.data)
-    policy = load_policy(args.checkpoint, cfg.device, world)
+    policy = load_policy(ModelConfig(path=args.checkpoint), cfg.device, world=world)
     pool = world.train if args.split == "train" else world.test
     rng = np.random.default_rng(args.seed)
     records = [pool[i] for i in rng.choice(len(pool), size=min(args.prompts, len(pool)), replace=False)]

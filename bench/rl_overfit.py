@@ -19,11 +19,12 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import load_policy, setup_logging
+    from alphagrpo.commands.common import setup_logging
+    from alphagrpo.models.registry import ModelConfig, load_policy
     from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.evaluate import evaluate
-    from alphagrpo.train.run import train
-    from alphagrpo.train.world import load_world
+    from alphagrpo.eval.evaluate import evaluate
+    from alphagrpo.train.loop import train
+    from alphagrpo.worlds.registry import load_world
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/overfit")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     setup_logging()
     cfg = apply_overrides(get_recipe("tiny_shapes"), [f"data.train_per_task={args.per_task}"] + args.overrides)
     world = load_world(cfg.data)
-    policy = load_policy(cfg.init, cfg.device, world)
+    policy = load_policy(cfg.model, cfg.device, world=world)
     reward = DVReward(world.verifier)
     seen = [r for r in world.train for _ in range(args.samples)]
     ev = dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, reward=reward,

@@ -43,16 +43,16 @@ def main(argv=None) -> int:
 
     from alphagrpo.advantages import group_advantages
     from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.models.registry import ModelConfig, load_policy
     from alphagrpo.train.config import apply_overrides, get_recipe
     from alphagrpo.train.trainer import GRPOTrainer
-    from alphagrpo.train.world import load_world
+    from alphagrpo.worlds.registry import load_world
 
     sets = [f"prompts_per_step={args.prompts}", f"group_size={args.group}", *args.set]
     sets += {"image": ["loss.text_weight=0"], "text": ["loss.image_weight=0"], "both": []}[args.which]
     cfg = apply_overrides(get_recipe(args.recipe), sets)
     world = load_world(cfg.data)
-    policy = load_policy(args.checkpoint or cfg.init, cfg.device, world)
+    policy = load_policy(ModelConfig(path=args.checkpoint or cfg.model.path), cfg.device, world=world)
     reward = DVReward(world.verifier, mode=cfg.reward.mode, binary=cfg.reward.binary)
     trainer = GRPOTrainer(policy, reward, cfg, generator=torch.Generator().manual_seed(cfg.seed))
     stride = max(1, len(world.train) // args.prompts)

@@ -102,7 +102,7 @@ def test_reward_alignment_counts_pairs_inside_groups_only():
 def test_plan_split_separates_reasoning_from_drawing():
     from types import SimpleNamespace
 
-    from alphagrpo.train.evaluate import plan_split
+    from alphagrpo.eval.evaluate import plan_split
     world = SimpleNamespace(plan_ok=lambda text, rec: text == "right")
     recs = [{"task": "a"}, {"task": "a"}, {"task": "b"}, {"task": "b"}, {"task": "b"}]
     texts = ["right", "wrong", "right", "right", "wrong"]
@@ -118,24 +118,24 @@ def test_drawing_from_given_think_texts_uses_them_and_needs_encode_think():
     import numpy as np
     import torch
 
-    from alphagrpo.models.policy import CFGConfig, GenRequest
-    from alphagrpo.train.common import load_policy
-    from alphagrpo.train.evaluate import generate
-    pol = load_policy()
+    from alphagrpo.eval.evaluate import EvalSettings, generate
+    from alphagrpo.models.policy import GenRequest
+    from alphagrpo.models.registry import ModelConfig, load_policy
+    pol = load_policy(ModelConfig())
     reqs = [GenRequest("a red circle"), GenRequest("a blue square")]
     plans = ["large red circle at x1y1", "small blue square at x0y2"]
-    kw = dict(num_steps=2, shift=3.0, cfg=CFGConfig(), think_texts=plans)
-    imgs, texts = generate(pol, reqs, generator=torch.Generator().manual_seed(0), **kw)
+    s = EvalSettings(num_steps=2, shift=3.0)
+    imgs, texts = generate(pol, reqs, s, generator=torch.Generator().manual_seed(0), think_texts=plans)
     assert texts == plans and imgs.shape[0] == 2
-    again, _ = generate(pol, reqs, generator=torch.Generator().manual_seed(0), **dict(kw, think_texts=plans[::-1]))
+    again, _ = generate(pol, reqs, s, generator=torch.Generator().manual_seed(0), think_texts=plans[::-1])
     assert not np.array_equal(imgs, again)      # the image follows the given text
     with pytest.raises(ValueError, match="2 think texts for 1 requests"):
-        generate(pol, reqs[:1], generator=torch.Generator(), **kw)
+        generate(pol, reqs[:1], s, generator=torch.Generator(), think_texts=plans)
 
     class NoEncode:
         pass
     with pytest.raises(ValueError, match="encode_think"):
-        generate(NoEncode(), reqs, generator=torch.Generator(), **kw)
+        generate(NoEncode(), reqs, s, generator=torch.Generator(), think_texts=plans)
 
 
 def test_drawing_errors_tallies_each_planned_object_in_its_cell():
@@ -159,7 +159,7 @@ def test_drawing_errors_tallies_each_planned_object_in_its_cell():
 
 
 def test_think_split_counts_how_often_the_model_reasons_and_what_it_buys():
-    from alphagrpo.train.evaluate import think_split
+    from alphagrpo.eval.evaluate import think_split
     texts = ["plan : a", "", "plan : b", " ", "plan : c"]
     correct = [True, False, False, True, True]
     out = think_split(texts, correct)

@@ -8,7 +8,7 @@ from alphagrpo.models.policy import CFGConfig, GenRequest
 from alphagrpo.models.tiny_policy import TinyUMMPolicy
 from alphagrpo.testing import brightness_world, micro_policy
 from alphagrpo.train.config import apply_overrides, get_recipe
-from alphagrpo.train.run import train
+from alphagrpo.train.loop import train
 
 REQS = [GenRequest("make a bright image"), GenRequest("make a dark image please")]
 

@@ -46,7 +46,7 @@ def test_pretraining_is_reproducible_from_the_seed(tmp_path):
 def test_pretraining_lowers_both_losses_on_a_fixed_batch(tmp_path):
     torch.manual_seed(0)
     from alphagrpo.models.tiny_policy import TinyUMMPolicy
-    from alphagrpo.train.trainer import reflection_words
+    from alphagrpo.train.srr import reflection_words
     world = brightness_world(n_train=8)
     fresh = TinyUMMPolicy.create(sorted(set(world.words) | set(reflection_words())), **SIZE)
     lm0, flow0 = _fixed_losses(fresh)
@@ -81,7 +81,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
 
 def test_edit_examples_pair_a_wrong_image_with_the_reflection_instruction():
     from alphagrpo.train.config import get_recipe
-    from alphagrpo.train.world import load_world
+    from alphagrpo.worlds.registry import load_world
     cfg = get_recipe("tiny_shapes")
     cfg.data.train_per_task = 1
     world = load_world(cfg.data)
@@ -92,7 +92,7 @@ def test_edit_examples_pair_a_wrong_image_with_the_reflection_instruction():
 
 def test_think_and_reflect_drop_empty_that_share_of_their_examples_think_texts(tmp_path):
     from alphagrpo.train.config import get_recipe
-    from alphagrpo.train.world import load_world
+    from alphagrpo.worlds.registry import load_world
     cfg = get_recipe("tiny_shapes")
     cfg.data.train_per_task = 8
     world = load_world(cfg.data)

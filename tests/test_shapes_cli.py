@@ -2,7 +2,7 @@
 import json
 
 from alphagrpo.cli import main
-from alphagrpo.worlds.cli import split_test_path
+from alphagrpo.commands.data import split_test_path
 from alphagrpo.worlds.shapes import TASKS, read_jsonl
 from alphagrpo.worlds.shapes import accuracy
 

@@ -6,13 +6,16 @@ import torch
 from alphagrpo.rewards import DVReward
 from alphagrpo.testing import BrightnessVerifier, brightness_world, micro_policy
 from alphagrpo.train.config import apply_overrides, get_recipe
-from alphagrpo.train.refine import refine
+from alphagrpo.eval.refine import refine
 from alphagrpo.train.trainer import GRPOTrainer
+from alphagrpo.eval.evaluate import EvalSettings
+
+S3 = EvalSettings(num_steps=3, batch=8, max_think_tokens=3)   # a tiny evaluation sampler
 
 
 def srr_cfg(**over):
     sets = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=4", "cfg.text_scale=1.0",
-            "cfg.image_scale=1.0", "srr.initial_samples=3", "srr.num_steps=6", "srr.window=2",
+            "cfg.image_scale=1.0", "cfg_refine.text_scale=1.0", "cfg_refine.image_scale=1.0", "srr.initial_samples=3", "srr.num_steps=6", "srr.window=2",
             "srr.window_starts=0,1,2,3,4", "sampler.num_steps=4", "sampler.window=2", "sampler.window_starts=0",
             "optim.lr=1e-2"] + [f"{k}={v}" for k, v in over.items()]
     return apply_overrides(get_recipe("tiny_shapes_srr"), sets)
@@ -26,15 +29,18 @@ def make_trainer(cfg, verifier=None, seed=0):
 
 
 def test_fpr_in_the_trainer_never_rewards_a_non_improving_refinement():
+    seen_non_improving = 0
     for seed in range(3):
         tr, world = make_trainer(srr_cfg(), seed=seed)
-        m = tr.step(world.train[:2])
-        lr = tr.last_rewards
-        assert m["srr"] == 1
-        non_improving = lr["raw"] <= lr["init"]
-        assert torch.equal(lr["rectified"][non_improving], lr["init"][non_improving])
-        assert bool((lr["advantages"][non_improving] <= 1e-6).all())
+        res = tr.step(world.train[:2])
+        assert res.metrics["srr"] == 1
+        non_improving = res.rewards <= res.init
+        seen_non_improving += int(non_improving.sum())
+        assert torch.equal(res.rectified[non_improving], res.init[non_improving])
+        assert bool((res.advantages[non_improving] <= 1e-6).all())
+        assert not torch.equal(res.rectified, res.rewards) or not bool(non_improving.any())
         tr.close()
+    assert seen_non_improving > 0, "no refinement was non-improving: the FPR check above tested nothing"
 
 
 def test_srr_step_reports_how_often_a_diagnosis_was_written():
@@ -47,18 +53,11 @@ def test_srr_step_reports_how_often_a_diagnosis_was_written():
         texts = [("" if i % 3 == 0 else "  ") if i % 2 == 0 else t for i, t in enumerate(th.texts)]
         return dataclasses.replace(th, texts=texts)
     tr.policy.sample_think = blank_some
-    m = tr.step(world.train[:2])
-    chunks = tr.last_rollout[0]
+    res = tr.step(world.train[:2])
+    m, chunks = res.metrics, res.chunks
     assert [len(ro.think_texts) for ro in chunks] == [3, 3, 2]
     written = sum(bool(t.strip()) for ro in chunks for t in ro.think_texts)
     assert written == 3 and m["samples"] == 8 and m["think_rate"] == 3 / 8
-    tr.close()
-
-
-def test_fpr_off_keeps_raw_rewards():
-    tr, world = make_trainer(srr_cfg(**{"reward.fpr": "false"}))
-    tr.step(world.train[:2])
-    assert torch.equal(tr.last_rewards["rectified"], tr.last_rewards["raw"])
     tr.close()
 
 
@@ -74,11 +73,20 @@ class WorseAfterStage1(BrightnessVerifier):
         return [[v] * len(q) for q in qls]
 
 
+def test_fpr_off_keeps_raw_rewards():
+    cfg = srr_cfg(**{"reward.fpr": "false"})
+    tr, world = make_trainer(cfg, verifier=WorseAfterStage1(n_stage1=2 * cfg.srr.initial_samples))
+    res = tr.step(world.train[:2])
+    assert bool((res.rewards <= res.init).any()), "no non-improving refinement: FPR off would be untested"
+    assert torch.equal(res.rectified, res.rewards)
+    tr.close()
+
+
 def test_srr_step_is_skipped_when_no_refinement_improved():
     cfg = srr_cfg()
     tr, world = make_trainer(cfg, verifier=WorseAfterStage1(n_stage1=2 * cfg.srr.initial_samples))
     before = {k: v.clone() for k, v in tr.policy.model.state_dict().items()}
-    m = tr.step(world.train[:2])
+    m = tr.step(world.train[:2]).metrics
     assert m["skipped"] == 1 and m["improved_frac"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in tr.policy.model.state_dict().items())
     tr.close()
@@ -103,14 +111,16 @@ def test_srr_gradient_reaches_only_think_text_and_window_steps():
         return c
 
     pol.velocity, pol.image_condition = velocity, image_condition
-    m = tr.step(world.train[:2])
-    assert m["skipped"] == 0
-    window_sigmas = {st.sigma for ro in tr.last_rollout[0] for st in ro.steps}
+    und0 = [p.detach().clone() for p in pol.model.und_parameters()]
+    res = tr.step(world.train[:2])
+    assert res.metrics["skipped"] == 0
+    window_sigmas = {st.sigma for ro in res.chunks for st in ro.steps}
     grad_sigmas = [s for s, g in calls if g]
     assert len(window_sigmas) == cfg.srr.window
     assert set(grad_sigmas) == window_sigmas, "grad-enabled velocity calls must be exactly the window steps"
     assert all(not t.requires_grad for c in conds for kv in c.kv for t in kv), "context must be detached"
-    # the text path got gradient from the think replay: LM head and understanding weights changed
+    # the text path got gradient from the think replay: the understanding weights changed
+    assert not all(torch.equal(a, b) for a, b in zip(und0, pol.model.und_parameters()))
     tr.close()
 
 
@@ -141,8 +151,7 @@ def test_refinement_stops_at_the_round_limit_and_keeps_the_best_image():
     world = brightness_world(n_test=3)
     pol = micro_policy(0)
     # initial 0.2, round 1 better (0.4), round 2 worse (0.3), round 3 would be 0.45 but the limit is 2
-    res = refine(pol, Scripted([0.2, 0.4, 0.3, 0.45]), world.test, rounds=2, num_steps=3, batch=8,
-                 max_think_tokens=3, judge=world.judge)
+    res = refine(pol, Scripted([0.2, 0.4, 0.3, 0.45]), world.test, S3, rounds=2, judge=world.judge)
     assert [h["round"] for h in res.history] == [0, 1, 2]
     assert res.rounds_used == [2, 2, 2]
     assert torch.allclose(res.rewards, torch.full((3,), 0.4))
@@ -158,9 +167,9 @@ def test_refinement_stops_at_the_round_limit_and_keeps_the_best_image():
 
 
 def test_refinement_figure_shows_the_most_improved_prompts(tmp_path):
-    from alphagrpo.train.refine import refinement_figure
+    from alphagrpo.eval.figures import refinement_figure
     world = brightness_world(n_test=3)
-    res = refine(micro_policy(0), Scripted([0.2, 0.4]), world.test, rounds=1, num_steps=3, batch=8, max_think_tokens=3)
+    res = refine(micro_policy(0), Scripted([0.2, 0.4]), world.test, S3, rounds=1)
     res.trace[1][-1] = res.trace[1][-1][:2] + (0.9, [0.9])  # prompt 1 improved most
     recs = [dict(r, quality_questions=[]) for r in world.test]
     shown = refinement_figure(tmp_path / "f.png", res, recs, n=2)
@@ -169,36 +178,36 @@ def test_refinement_figure_shows_the_most_improved_prompts(tmp_path):
 
 def test_refinement_stops_early_when_every_question_passes():
     world = brightness_world(n_test=2)
-    res = refine(micro_policy(0), Scripted([0.9]), world.test, rounds=5, num_steps=3, batch=8, max_think_tokens=3)
+    res = refine(micro_policy(0), Scripted([0.9]), world.test, S3, rounds=5)
     assert res.rounds_used == [0, 0] and len(res.history) == 1
     with pytest.raises(ValueError, match="rounds"):
         refine(micro_policy(0), Scripted([0.9]), world.test, rounds=-1)
 
 
 def test_resample_control_draws_fresh_text_to_image_samples_and_keeps_the_best(monkeypatch):
-    import alphagrpo.train.refine as R
+    import alphagrpo.eval.refine as R
     seen = []
     real = R.generate
 
-    def spy(policy, reqs, **kw):
+    def spy(policy, reqs, s, **kw):
         seen.append([(r.image is None, r.instruction) for r in reqs])
-        return real(policy, reqs, **kw)
+        return real(policy, reqs, s, **kw)
 
     monkeypatch.setattr(R, "generate", spy)
     world = brightness_world(n_test=2)
-    kw = dict(rounds=2, num_steps=3, batch=8, max_think_tokens=3, judge=world.judge)
-    res = refine(micro_policy(0), Scripted([0.2, 0.1, 0.3]), world.test, mode="resample", **kw)
+    kw = dict(rounds=2, judge=world.judge)
+    res = refine(micro_policy(0), Scripted([0.2, 0.1, 0.3]), world.test, S3, mode="resample", **kw)
     assert len(seen) == 3 and all(no_img and instr is None for call in seen for no_img, instr in call)
     assert torch.allclose(res.rewards, torch.full((2,), 0.3))
     seen.clear()
-    refine(micro_policy(0), Scripted([0.2, 0.1, 0.3]), world.test, mode="reflect", **kw)
+    refine(micro_policy(0), Scripted([0.2, 0.1, 0.3]), world.test, S3, mode="reflect", **kw)
     assert all(not no_img and instr for call in seen[1:] for no_img, instr in call), "reflect shows the image"
     with pytest.raises(ValueError, match="mode"):
         refine(micro_policy(0), Scripted([0.9]), world.test, mode="bestof")
 
 
 def test_redraw_accuracy_weights_diagnosed_and_undiagnosed_redraws_by_the_diagnosis_rate():
-    from alphagrpo.train.ablate import redraw_accuracy
+    from alphagrpo.commands.ablate import redraw_accuracy
     row = {"reflect_rate": 0.25, "redraw_accuracy_diagnosed": 0.6, "redraw_accuracy_undiagnosed": 0.2}
     assert redraw_accuracy(row) == pytest.approx(0.25 * 0.6 + 0.75 * 0.2)
     assert redraw_accuracy(dict(row, reflect_rate=1.0, redraw_accuracy_undiagnosed=None)) == 0.6
@@ -208,7 +217,7 @@ def test_redraw_accuracy_weights_diagnosed_and_undiagnosed_redraws_by_the_diagno
 def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_path):
     import json
 
-    from alphagrpo.train.ablate import START_ROW_RL, run_study
+    from alphagrpo.commands.ablate import START_ROW_RL, run_study
     ck = tmp_path / "ck"
     micro_policy(0).save_pretrained(ck)
     extra = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=3", "cfg.text_scale=1.0",
@@ -222,7 +231,7 @@ def test_ablation_study_trains_every_variant_and_seed_and_writes_a_table(tmp_pat
 
 
 def test_fpr_study_reports_initial_and_refined_accuracy_with_the_start_checkpoint_as_reference(tmp_path):
-    from alphagrpo.train.ablate import START_ROW, run_study
+    from alphagrpo.commands.ablate import START_ROW, run_study
     ck = tmp_path / "ck"
     micro_policy(0).save_pretrained(ck)
     extra = ["prompts_per_step=2", "group_size=4", "micro_batch=8", "max_think_tokens=3", "cfg.text_scale=1.0",
@@ -241,7 +250,7 @@ def test_fpr_study_reports_initial_and_refined_accuracy_with_the_start_checkpoin
         for k in ("redraw_accuracy", "redraw_accuracy_diagnosed", "redraw_accuracy_undiagnosed"):
             assert run[k] is None or 0.0 <= run[k] <= 1.0
     for name in ("fpr_on_s0", "fpr_off_s0"):   # each trained policy is kept, loadable for `refine --checkpoint`
-        from alphagrpo.train.common import load_policy
-        pol = load_policy(str(tmp_path / "ab" / name / "policy"), "cpu", brightness_world(n_test=3))
+        from alphagrpo.models.registry import ModelConfig, load_policy
+        pol = load_policy(ModelConfig(path=str(tmp_path / "ab" / name / "policy")), "cpu", world=brightness_world(n_test=3))
         ref = micro_policy(0).model.state_dict()
         assert {k: v.shape for k, v in pol.model.state_dict().items()} == {k: v.shape for k, v in ref.items()}

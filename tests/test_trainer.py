@@ -7,7 +7,7 @@ import torch
 
 from alphagrpo.testing import brightness_world, micro_policy
 from alphagrpo.train.config import apply_overrides, get_recipe
-from alphagrpo.train.run import train
+from alphagrpo.train.loop import train
 
 
 def small_cfg(tmp_path, steps=6, **over):

@@ -26,8 +26,11 @@ def bundle():
     return VLBundle(model, tok, ip)
 
 
-def fake_openai_app(bundle, seen: list, fail_first: int = 0):
-    """A minimal SGLang/vLLM stand-in: /v1/chat/completions with top logprobs, SGLang's /generate with token ids."""
+def fake_openai_app(bundle, seen: list, fail_first: int = 0, hide_answers: bool = False, generate_route: bool = True):
+    """A minimal SGLang/vLLM stand-in: /v1/chat/completions with top logprobs, SGLang's /generate with token ids.
+
+    ``hide_answers``: the yes/no tokens never make the top-k list (a first-token distribution where they rank
+    below k); ``generate_route=False``: no /generate (vLLM), so it answers 404."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from PIL import Image
@@ -35,7 +38,14 @@ def fake_openai_app(bundle, seen: list, fail_first: int = 0):
     tok = bundle.tokenizer
     calls = {"n": 0}
 
-    def logprobs(text: str, image_url: str):
+    def logprobs(text: str, image_url: str | None):
+        if image_url is None:  # text only (the auto mode's probe)
+            ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+            kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+            if bundle._wants_mm_token_types():
+                kw["mm_token_type_ids"] = torch.zeros_like(ids, dtype=torch.int32)
+            with torch.no_grad():
+                return bundle.model(**kw).logits[0, -1].double().log_softmax(-1)
         img = Image.open(io.BytesIO(base64.b64decode(image_url.partition(",")[2]))).convert("RGB")
         pv, grid, n_tok, _ = bundle.preprocess([img])
         ids = tok.encode(text.replace("<|image_pad|>", "<|image_pad|>" * n_tok[0]), add_special_tokens=False)
@@ -66,7 +76,10 @@ def fake_openai_app(bundle, seen: list, fail_first: int = 0):
             msgs.append({"role": m["role"], "content": items})
         text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         lp = logprobs(text, image_url)
-        top = lp.topk(min(body["top_logprobs"], lp.numel()))
+        ranked = lp.clone()
+        if hide_answers:
+            ranked[list(bundle.answers.ids)] = -math.inf
+        top = ranked.topk(min(body["top_logprobs"], lp.numel()))
         entries = [{"token": tok.decode([int(i)]), "logprob": float(v), "bytes": list(tok.decode([int(i)]).encode())}
                    for v, i in zip(top.values, top.indices)]
         content = [{"token": entries[0]["token"], "logprob": entries[0]["logprob"], "bytes": entries[0]["bytes"],
@@ -74,14 +87,15 @@ def fake_openai_app(bundle, seen: list, fail_first: int = 0):
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": entries[0]["token"]},
                              "logprobs": {"content": content}}]}
 
-    @app.post("/generate")
     async def generate(request: Request):
         body = await request.json()
         seen.append(body)
-        lp = logprobs(body["text"], body["image_data"])
+        lp = logprobs(body["text"], body.get("image_data"))
         rows = [[float(lp[i]), int(i), None] for i in body["token_ids_logprob"]]
         return {"text": "", "meta_info": {"output_token_ids_logprobs": [rows]}}
 
+    if generate_route:
+        app.post("/generate")(generate)
     return app
 
 
@@ -180,3 +194,76 @@ def test_parse_top_logprobs_matches_variants_by_text_and_counts_missing_sides_as
 def test_token_ids_mode_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer="):
         OpenAIVerifier("http://127.0.0.1:1", mode="token_ids")
+
+
+def test_a_top_k_gap_is_a_counted_failure_never_a_confident_zero(bundle, caplog):
+    images, qls = _batch()
+    seen = []
+    with serve_in_thread(fake_openai_app(bundle, seen, hide_answers=True)) as url:
+        v = OpenAIVerifier(url, "tiny", mode="top_logprobs", top_logprobs=5, retries=0)
+        try:
+            with caplog.at_level("WARNING", logger="verifier_engine.backends.openai"):
+                got = v.score(images, qls)
+            assert got == [[0.0, 0.0], [0.0], []]
+            assert v.stats["topk_gaps"] == 3 and v.stats["failed_queries"] == 3
+            assert v.backend_metrics() == {"failed_queries": 3.0, "topk_gap_queries": 3.0}
+            assert "has no score" in caplog.text and "mode='token_ids'" in caplog.text
+            assert all(b["top_logprobs"] == 5 for b in seen)  # the configured k is what is asked for
+        finally:
+            v.close()
+        v = OpenAIVerifier(url, "tiny", mode="top_logprobs", top_logprobs=5, retries=0, on_failure="raise")
+        try:
+            with pytest.raises(VerifierError, match="has no score.*top"):
+                v.score(images, qls)
+        finally:
+            v.close()
+
+
+def test_auto_mode_prefers_exact_token_ids_and_falls_back_to_top_logprobs(bundle):
+    images, qls = _batch()
+    ref = HFVerifier(bundle).score(images, qls)
+    flat = lambda rows: [s for r in rows for s in r]  # noqa: E731
+    # SGLang-like server whose top-k never holds yes/no: auto still scores exactly through the token ids
+    seen = []
+    with serve_in_thread(fake_openai_app(bundle, seen, hide_answers=True)) as url:
+        v = OpenAIVerifier(url, "tiny", tokenizer=bundle.tokenizer, retries=0)
+        try:
+            got = v.score(images, qls)
+        finally:
+            v.close()
+    assert v.mode == "auto" and v.active_mode == "token_ids" and v.stats["failed_queries"] == 0
+    assert np.allclose(flat(got), flat(ref), atol=1e-6)
+    assert "image_data" not in seen[0] and all("image_data" in b for b in seen[1:])  # one probe, then queries
+    # vLLM-like server (no /generate): auto falls back to top_logprobs, whose k covers the vocabulary here
+    seen = []
+    with serve_in_thread(fake_openai_app(bundle, seen, generate_route=False)) as url:
+        v = OpenAIVerifier(url, "tiny", tokenizer=bundle.tokenizer, top_logprobs=len(bundle.tokenizer), retries=0)
+        try:
+            got = v.score(images, qls)
+        finally:
+            v.close()
+    assert v.active_mode == "top_logprobs" and all("messages" in b for b in seen)
+    assert np.allclose(flat(got), flat(ref), atol=1e-6)
+
+
+def test_cli_top_logprobs_option_reaches_the_server(bundle, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from verifier_engine.cli import build_parser, build_verifier, main
+    for cmd in (["serve"], ["profile"], ["score", "--image", "x.png", "--question", "q"]):
+        args = build_parser().parse_args(cmd + ["--backend", "openai", "--model", "tiny", "--top-logprobs", "7"])
+        v = build_verifier(args)
+        try:
+            assert v.top_logprobs == 7 and v.mode == "auto"
+        finally:
+            v.close()
+    path = str(tmp_path / "a.png")
+    Image.fromarray(random_images(1, (64, 64), seed=3)[0]).save(path)
+    seen = []
+    with serve_in_thread(fake_openai_app(bundle, seen)) as url:
+        assert main(["score", "--backend", "openai", "--model", "tiny", "--base-url", url, "--openai-mode",
+                     "top_logprobs", "--top-logprobs", "3", "--image", path, "--question", "Is it red?"]) == 0
+    assert [b["top_logprobs"] for b in seen] == [3]
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scores"][0]) == 1

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from alphagrpo.train.world import HolisticShapesVerifier, shapes_edit_example, shapes_plan_ok
+from alphagrpo.worlds.shapes.world import HolisticShapesVerifier, shapes_edit_example, shapes_plan_ok
 from alphagrpo.worlds import shapes as S
 
 
@@ -52,7 +52,7 @@ def small_world_synth(monkeypatch):
 
 def test_held_out_subset_covers_every_task_type(small_world_synth):
     """The test split is ordered by task; the world must hand out a shuffled prefix, not the first few tasks."""
-    from alphagrpo.train import world as W
+    from alphagrpo.worlds import registry as W
     from alphagrpo.train.config import DataConfig
 
     w = W.load_world(DataConfig(train_per_task=1, test_size=64))
@@ -61,7 +61,7 @@ def test_held_out_subset_covers_every_task_type(small_world_synth):
 
 
 def test_rl_prompts_are_unseen_by_pretraining_unless_asked(small_world_synth):
-    from alphagrpo.train import world as W
+    from alphagrpo.worlds import registry as W
     from alphagrpo.train.config import DataConfig
 
     pre_train, pre_test, _ = small_world_synth(0)
@@ -79,13 +79,13 @@ def test_rl_prompts_are_unseen_by_pretraining_unless_asked(small_world_synth):
 
 def test_a_checkpoint_for_another_vocabulary_is_refused_with_the_missing_words(tmp_path):
     from alphagrpo.testing import brightness_world, micro_policy
-    from alphagrpo.train.common import load_policy
+    from alphagrpo.models.registry import ModelConfig, load_policy
     world = brightness_world(n_test=2)
     micro_policy(0).save_pretrained(tmp_path / "ok")
-    assert load_policy(str(tmp_path / "ok"), world=world).tok.stoi
+    assert load_policy(ModelConfig(path=str(tmp_path / "ok")), world=world).tok.stoi
     world.words = list(world.words) + ["x1y2"]
     with pytest.raises(ValueError, match=r"missing 1 words.*x1y2.*alphagrpo pretrain"):
-        load_policy(str(tmp_path / "ok"), world=world)
+        load_policy(ModelConfig(path=str(tmp_path / "ok")), world=world)
 
 
 def test_quality_per_object_changes_the_reward_not_the_judge(small_world_synth):
@@ -93,7 +93,7 @@ def test_quality_per_object_changes_the_reward_not_the_judge(small_world_synth):
     (evaluation's ground truth) is the same."""
     import numpy as np
 
-    from alphagrpo.train import world as W
+    from alphagrpo.worlds import registry as W
     from alphagrpo.train.config import DataConfig
     from alphagrpo.worlds.shapes.accuracy import inject_defect
 

@@ -33,8 +33,11 @@ def _add_backend_args(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--no-cuda-graphs", action="store_true", help="native: never capture CUDA graphs")
     p.add_argument("--hf-batch-size", type=int, default=1, help="hf: queries per forward")
     p.add_argument("--base-url", action="append", help="openai: server base URL (repeat to balance several)")
-    p.add_argument("--openai-mode", choices=("top_logprobs", "token_ids"), default="top_logprobs")
-    p.add_argument("--tokenizer", help="openai token_ids mode: local tokenizer path")
+    p.add_argument("--openai-mode", choices=("auto", "top_logprobs", "token_ids"), default="auto",
+                   help="openai: auto = exact token ids when the server has them (needs --tokenizer), else top-k")
+    p.add_argument("--top-logprobs", type=int, default=20,
+                   help="openai top_logprobs mode: k; a query with neither yes nor no in the top k counts as failed")
+    p.add_argument("--tokenizer", help="openai token_ids/auto mode: local tokenizer path")
     p.add_argument("--on-failure", choices=("zero", "raise"), default="zero", help="openai: failed query policy")
 
 
@@ -50,7 +53,8 @@ def build_verifier(args):
         return load_verifier(args.backend, args.model, **kw)
     if args.backend == "openai":
         return load_verifier("openai", args.model, base_url=args.base_url or ["http://127.0.0.1:30000"],
-                             mode=args.openai_mode, tokenizer=args.tokenizer, on_failure=args.on_failure)
+                             mode=args.openai_mode, tokenizer=args.tokenizer, on_failure=args.on_failure,
+                             top_logprobs=args.top_logprobs)
     return load_verifier(args.backend, args.model)
 
 
@@ -152,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="save a tiny random-weight Qwen-VL verifier (for trying things out)")
     p.add_argument("path")
     p.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), default="qwen3_vl")
-    p.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--size", choices=("tiny", "small"), default="tiny",
+                   help="tiny has attention head dimension 16, which vLLM's CPU attention rejects (it needs >= 32): "
+                        "use small to try a real engine")
     p.set_defaults(func=cmd_make_tiny)
     return parser
 

@@ -101,6 +101,8 @@ def profile_verifier(verifier, *, batch_images: int = 4, questions_per_image: in
     images, qs = synthetic_batch(batch_images, questions_per_image, image_size)
     for _ in range(warmup):
         verifier.score(images, qs)
+    report = getattr(verifier, "backend_metrics", None)
+    before = report() if callable(report) else None
     lat = []
     with NVMLSampler(gpu_index) as nvml:
         t0 = time.perf_counter()
@@ -114,6 +116,19 @@ def profile_verifier(verifier, *, batch_images: int = 4, questions_per_image: in
            **_stats(lat, wall, len(lat) * batch_images, len(lat) * batch_images * questions_per_image),
            "batch_images_mean": float(batch_images)}
     out["gpu"] = nvml.summary()
+    out["backend"] = _backend_report(before, report() if callable(report) else None)
+    return out
+
+
+def _backend_report(before: dict | None, after: dict | None) -> dict | None:
+    """A backend's ``backend_metrics()`` after the run, plus the KV-cache hit rate of the timed window alone."""
+    if after is None:
+        return None
+    out = dict(after)
+    keys = ("kv_cache_reused_blocks", "kv_cache_missed_blocks")
+    if before is not None and all(k in before and k in after for k in keys):
+        reused, missed = (after[k] - before[k] for k in keys)
+        out["kv_cache_hit_rate_window"] = reused / (reused + missed) if reused + missed else None
     return out
 
 
@@ -177,6 +192,9 @@ async def _profile_server(url, token, concurrency, n_requests, duration, batch_i
            "image_size": size, "errors": errors,
            **_stats(lat, wall, len(lat) * batch_images, len(lat) * batch_images * qpi),
            "batch_images_mean": ds / dc if dc else None, "gpu": nvml.summary()}
+    prefix = 'verifier_backend_stat{name="'
+    stat = lambda m: {k[len(prefix):-2]: v for k, v in m.items() if k.startswith(prefix)}  # noqa: E731
+    out["backend"] = _backend_report(stat(before) or None, stat(after) or None)
     return out
 
 

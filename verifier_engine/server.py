@@ -85,6 +85,8 @@ class _Metrics:
         self.questions = r.counter("verifier_questions_total", "Questions scored.")
         self.errors = r.counter("verifier_errors_total", "Failed requests by kind.", ("kind",))
         self.queue = r.gauge("verifier_queue_images", "Images waiting for the backend.")
+        self.backend = r.gauge("verifier_backend_stat", "What the backend reports: its backend_metrics() "
+                               "(trtllm: KV-cache hit rate; openai: failed and top-k gap queries).", ("name",))
 
 
 class _Job:
@@ -313,6 +315,9 @@ def create_app(verifier, config: ServerConfig | None = None, backend: str = "", 
     async def metrics_endpoint(request: Request):
         if not authorized(request):
             return error(401, "missing or wrong bearer token", "unauthorized")
+        report = getattr(verifier, "backend_metrics", None)  # a backend's own numbers (cached, cheap to read)
+        for name, value in (report() if callable(report) else {}).items():
+            metrics.backend.set(value, name=name)
         return PlainTextResponse(metrics.registry.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -1,9 +1,12 @@
 """Training configuration: nested dataclasses with validation, and named recipes that return a full config.
 
 ``--set a.b=value`` overrides any field from the command line (``apply_overrides``). The resolved config is written
-into the run folder. Recipes: ``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and ``tiny_shapes_srr``
-(self-reflective refinement with FPR). Numbers that differ from the paper's BAGEL setup (RECIPE.md section 8) are
-CPU-sized and say so in their field's comment.
+into the run folder. Sections: ``model`` (which policy: ``kind``, ``path``, ``dtype``), ``data`` (which world),
+``reward`` (which verifier: ``reward.verifier``), ``sampler``, ``cfg`` / ``cfg_refine`` (text-to-image and refinement
+guidance), ``loss``, ``optim``, ``lora``, ``srr``. Recipes: ``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and
+``tiny_shapes_srr`` (self-reflective refinement with FPR); real-model recipes register beside their adapters.
+Numbers that differ from the paper's BAGEL setup (RECIPE.md section 8) are CPU-sized and say so in their field's
+comment.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from alphagrpo.models.policy import CFGConfig
+from alphagrpo.models.registry import ModelConfig
 
 
 @dataclass
@@ -23,8 +27,11 @@ class SamplerConfig:
     window: int = 10               # K stochastic, trained steps
     window_starts: tuple = (0, 1)  # allowed window starts, drawn uniformly per rollout
     eval_steps: int = 40           # ODE steps at evaluation
+    grid: str = "flow"             # "flow": the recipe's shifted grid; "scheduler": the policy's own (diffusers)
 
     def __post_init__(self):
+        if self.grid not in ("flow", "scheduler"):
+            raise ValueError(f"sampler.grid must be 'flow' or 'scheduler', got {self.grid!r}")
         bad = [s for s in self.window_starts if s < 0 or s + self.window > self.num_steps]
         if bad or not self.window_starts:
             raise ValueError(f"sampler.window_starts {list(self.window_starts)} must be non-empty and fit "
@@ -93,6 +100,19 @@ class RewardConfig:
     holistic: bool = False         # one question "Does this image match: {prompt}?" (Table 5 ablation)
     fpr: bool = True               # False-Positive Rectification for refinement groups
     workers: int = 1               # reward threads overlapping the next rollout chunk
+    verifier: str = "world"        # "world" (the world's own judge) or an address: http://HOST:PORT[,...] (verifier
+                                   # servers), openai:MODEL@URL (SGLang/vLLM), native:PATH, hf:PATH
+    on_failure: str = "zero"       # a question whose query fails after retries: "zero" (the authors') or "raise"
+    timeout: float = 120.0         # seconds per verifier request attempt (servers)
+    concurrency: int = 8           # verifier requests in flight (servers)
+
+    def __post_init__(self):
+        if self.on_failure not in ("zero", "raise"):
+            raise ValueError(f"reward.on_failure must be 'zero' or 'raise', got {self.on_failure!r}")
+        if self.workers < 1 or self.concurrency < 1 or not self.timeout > 0:
+            raise ValueError("reward.workers and reward.concurrency must be >= 1 and reward.timeout > 0")
+        from alphagrpo.verifiers import parse_address
+        parse_address(self.verifier)
 
 
 @dataclass
@@ -106,12 +126,13 @@ class SRRConfig:
 
 @dataclass
 class DataConfig:
-    world: str = "shapes"
+    world: str = "shapes"          # "shapes" (the embedded default), "jsonl" (your prompts), or module:function
     train_per_task: int = 40       # prompts per task type for training (the paper: 500)
     train_split: str = "unseen"    # "unseen": RL prompts pretraining never saw; "pretrain": pretraining's own prompts
     test_size: int = 256           # held-out prompts (the paper: 1,024)
     seed: int = 0
-    train_file: Optional[str] = None  # JSONL in the authors' schema instead of synthesizing
+    train_file: Optional[str] = None  # JSONL in the authors' schema (shapes: instead of synthesizing; jsonl: required)
+    test_file: Optional[str] = None   # jsonl world: held-out prompts for evaluation
     quality_per_object: str = "every"  # shapes reward: per-object quality questions as "every" object or the "mean"
 
     def __post_init__(self):
@@ -127,7 +148,6 @@ class DataConfig:
 class TrainConfig:
     recipe: str = "tiny_shapes"
     task: str = "rt2i"             # "rt2i", "srr" or "mixed"
-    init: Optional[str] = None     # policy checkpoint folder (default: the shipped TinyUMM)
     steps: int = 20
     prompts_per_step: int = 8      # P (the paper: 32)
     group_size: int = 8            # G (the paper: 14)
@@ -139,10 +159,14 @@ class TrainConfig:
     out_dir: str = "runs/train"
     ckpt_every: int = 10
     image_every: int = 10
+    rollout_every: int = 0         # save every N-th step's rollout (images, texts, scores) to rollouts/ (0: never)
     eval_size: int = 128
     eval_batch: int = 64
+    model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    cfg: CFGConfig = field(default_factory=CFGConfig)
+    cfg: CFGConfig = field(default_factory=CFGConfig)      # text-to-image guidance (RECIPE section 2)
+    cfg_refine: CFGConfig = field(default_factory=lambda: CFGConfig(text_scale=4.0, image_scale=2.0, low=0.0,
+                                                                    high=1.0))   # refinement guidance
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -157,6 +181,12 @@ class TrainConfig:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
         if self.prompts_per_step < 1 or self.steps < 0 or self.micro_batch < 1:
             raise ValueError("prompts_per_step and micro_batch must be >= 1 and steps >= 0")
+        if self.rollout_every < 0 or self.ckpt_every < 0 or self.image_every < 0:
+            raise ValueError("ckpt_every, image_every and rollout_every must be >= 0 (0: never)")
+        if self.data.world == "jsonl" and self.reward.verifier == "world":
+            raise ValueError("data.world=jsonl has no judge of its own, so reward.verifier=world cannot score it: set "
+                             "reward.verifier to a verifier address (http://HOST:PORT, openai:MODEL@URL, "
+                             "native:PATH)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +218,7 @@ def tiny_shapes() -> TrainConfig:
     40 per task type that pretraining never saw (``data.train_split="unseen"``)."""
     c = TrainConfig(recipe="tiny_shapes", eval_size=192, steps=40)
     c.sampler = SamplerConfig(num_steps=12, window=4, window_starts=(0, 1), eval_steps=20)
+    c.cfg_refine = CFGConfig()     # the shipped TinyUMM was pretrained and measured with one guidance for both tasks
     c.optim.lr = 1e-4
     return c
 
@@ -198,6 +229,7 @@ def tiny_shapes_srr() -> TrainConfig:
     c = TrainConfig(recipe="tiny_shapes_srr", task="srr", max_think_tokens=64, eval_size=192)
     c.sampler = SamplerConfig(num_steps=12, window=4, window_starts=(0, 1), eval_steps=20)
     c.srr = SRRConfig(initial_samples=4, num_steps=20, window=5, window_starts=tuple(range(0, 6)))  # paper: 40, [0, 10]
+    c.cfg_refine = CFGConfig()     # as tiny_shapes: one guidance for both tasks on the shipped TinyUMM
     c.optim.lr = 1e-4  # as tiny_shapes: the shipped checkpoint is damaged by larger full-fine-tuning steps
     c.loss.text_weight = 0.2
     return c
@@ -253,8 +285,13 @@ def revalidate(cfg):
 
 def from_dict(d: dict) -> TrainConfig:
     """Rebuild a ``TrainConfig`` from ``to_dict()`` output (checkpoints); unknown keys raise."""
-    kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "loss": LossConfig, "optim": OptimConfig, "lora": LoRAConfig,
-             "reward": RewardConfig, "srr": SRRConfig, "data": DataConfig}
+    kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "cfg_refine": CFGConfig, "loss": LossConfig,
+             "optim": OptimConfig, "lora": LoRAConfig, "reward": RewardConfig, "srr": SRRConfig, "data": DataConfig,
+             "model": ModelConfig}
+    d = dict(d)
+    if "init" in d:                      # configs written before the model section: init was model.path
+        d.setdefault("model", {})
+        d["model"] = {**d["model"], "path": d.pop("init")}
     kw = {}
     for k, v in d.items():
         if k in kinds:

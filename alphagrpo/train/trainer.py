@@ -2,18 +2,23 @@
 one on-policy update. It calls only the ``Policy`` protocol, a ``DVReward`` (any ``Verifier`` behind it) and the
 losses of ``alphagrpo.kernels`` (the fused kernels when they apply, through the kernels' single dispatch switch).
 
-One step (RT2I): P prompts x G samples; think text sampled with old log-probs; the image path sampled with one SDE
-window per step and rank; rollout runs in chunks whose rewards are computed in a worker thread while the next
-chunk rolls out; global-std advantages; skip when all are zero; replay with grad (text via the AR loss, each window
-step via the flow loss), loss = mean_j L_img,j + lambda * L_text; grad clip; AdamW. With ``loss.beta_text`` /
-``loss.beta_image`` > 0 a frozen reference policy (the run's starting weights) anchors both paths: the text loss
-gets the k3 KL to the reference's token log-probs, the flow loss the Gaussian KL to the reference's SDE mean.
-SRR (RECIPE section 7): stage 1 draws M ODE samples per prompt without think and keeps the worst; stage 2 draws G
-refinements with think and a 40-step sampler whose 5-step window starts in [0, 10]; FPR before advantages; skip
-when nothing improved. Distributed-ready: per-rank generators, rewards gathered for the std, prompts sharded.
+One step (RT2I): P prompts x G samples; think text sampled with old log-probs (policies with ``has_think``); the
+image path sampled with one SDE window per step and rank on the run's grid (``sampler.grid``); rollout runs in
+chunks whose rewards are computed in a worker thread while the next chunk rolls out; global-std advantages; skip
+when all are zero; replay with grad (text via the AR loss, each window step via the flow loss), loss =
+mean_j L_img,j + lambda * L_text; grad clip; AdamW. ``step`` returns a ``StepResult``.
+
+KL (``loss.beta_text`` / ``loss.beta_image`` > 0): the reference is where the run started. For a LoRA run that is
+the policy itself inside ``policy.reference()`` (adapters disabled, no second model); for full fine-tuning a frozen
+copy (made here, or the run's saved one on resume).
+SRR (RECIPE section 7, pieces in ``alphagrpo.train.srr``): stage 1 draws M ODE samples per prompt without think and
+keeps the worst; stage 2 draws G refinements with think under the refinement CFG (``cfg_refine``) and a 40-step
+sampler whose 5-step window starts in [0, 10]; FPR before advantages; skip when nothing improved.
+Several ranks: per-rank generators, rewards gathered for the std, prompts sharded by the run loop.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -24,45 +29,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from alphagrpo import kernels
-from alphagrpo.advantages import group_advantages, rectify_false_positives
+from alphagrpo.advantages import group_advantages
 from alphagrpo.kernels.sde import sde_mean_std
-from alphagrpo.models.policy import GenRequest, Policy
-from alphagrpo.rewards import DVReward
+from alphagrpo.models.policy import CFGConfig, GenRequest, Policy, has_think, policy_sigmas
+from alphagrpo.rewards import DVReward, RewardResult
 from alphagrpo.sampler import sample_flow, sample_sde_window
+from alphagrpo.train import srr as S
 from alphagrpo.train.config import TrainConfig
-from alphagrpo.train.evaluate import thought
+from alphagrpo.train.dist import dist_info, gather_all
+from alphagrpo.train.metrics import thought
 
 log = logging.getLogger(__name__)
-
-REFLECTION = ("the user asked for an image of {prompt} . you tried and failed to produce the correct image . "
-              "reflect on what went wrong and write the editing instruction .")
-
-
-def reflection_instruction(prompt: str) -> str:
-    """The SRR reflection instruction of RECIPE.md section 1."""
-    return REFLECTION.format(prompt=prompt)
-
-
-def reflection_words() -> list:
-    """The words of the reflection instruction (besides the prompt's), for word-level vocabularies."""
-    return sorted(set(REFLECTION.replace("{prompt}", "").split()))
-
-
-def dist_info():
-    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def gather_all(t: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``[n]`` tensors concatenated in rank order (a no-op in one process)."""
-    rank, world = dist_info()
-    if world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 @dataclass
@@ -73,9 +50,25 @@ class Rollout:
     think_logp: Optional[list]
     steps: list                    # StepRecord per window step
     images: Any                    # uint8 [n, H, W, 3]
+    cfg: CFGConfig                 # the guidance rollout used (replay uses the same)
     reward_future: Any = None
-    init_rewards: Optional[torch.Tensor] = None
     think_texts: Optional[list] = None   # decoded think texts (None: no think)
+
+
+@dataclass
+class StepResult:
+    """What one ``GRPOTrainer.step`` did: its ``metrics`` (the logged line), the rollout ``chunks``, the prompt
+    ``records`` per sample, the verifier's results per chunk (``scores``: ``RewardResult`` objects), the
+    ``rewards`` (raw), the ``rectified`` ones (FPR; the raw ones for RT2I), the initial images' rewards (SRR, else
+    None) and this rank's ``advantages``."""
+    metrics: dict
+    chunks: list
+    records: list
+    scores: list
+    rewards: torch.Tensor
+    rectified: torch.Tensor
+    init: Optional[torch.Tensor]
+    advantages: torch.Tensor
 
 
 @dataclass
@@ -95,15 +88,26 @@ class GRPOTrainer:
 
     def __init__(self, policy: Policy, reward: DVReward, cfg: TrainConfig, *, generator: torch.Generator,
                  ref_policy: Optional[Policy] = None):
-        """``ref_policy``: the KL anchor when ``loss.beta_text`` or ``loss.beta_image`` > 0 (default: a frozen copy of
-        ``policy`` as it is now; a resumed run passes its starting checkpoint). Unused when both betas are 0."""
+        """``ref_policy``: the KL anchor of a full fine-tuning run when ``loss.beta_text`` or ``loss.beta_image``
+        > 0 (default: a frozen copy of ``policy`` as it is now; a resumed run passes its starting weights). A LoRA
+        run's anchor is ``policy.reference()``; unused when both betas are 0."""
         self.policy, self.reward, self.cfg, self.gen = policy, reward, cfg, generator
+        self.think = has_think(policy)
+        if cfg.task in ("srr", "mixed"):
+            S.check_srr_policy(policy)
         self.ref_policy = None
         if cfg.loss.beta_text > 0 or cfg.loss.beta_image > 0:
-            self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
-            for p in self.ref_policy.trainable_parameters():
-                p.requires_grad_(False)
+            if getattr(policy, "lora", None):
+                if ref_policy is not None:
+                    raise ValueError("a LoRA run's KL reference is the policy with its adapters disabled; do not "
+                                     "pass ref_policy")
+            else:
+                self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
+                for p in self.ref_policy.trainable_parameters():
+                    p.requires_grad_(False)
         params = list(policy.trainable_parameters())
+        if not params:
+            raise ValueError(f"{type(policy).__name__} has no trainable parameters")
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         self.params = params
@@ -113,77 +117,67 @@ class GRPOTrainer:
     def close(self):
         self.pool.shutdown(wait=True)
 
+    def reference(self):
+        """A context yielding the KL reference: the frozen copy, or the policy with its adapters disabled."""
+        if self.ref_policy is not None:
+            return contextlib.nullcontext(self.ref_policy)
+        return _adapters_off(self.policy)
+
+    def state_dict(self) -> dict:
+        """What exact resume needs from the trainer (besides the policy)."""
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+
     # ------------------------------------------------------------------ rollout
     def _score(self, images, records):
         return self.reward(list(images), records)
 
-    def _rollout_chunk(self, requests, records, *, think: bool, num_steps, window, noise_level, cfg_guid):
+    def _rollout_chunk(self, requests, records, *, think: bool, sigmas, window, noise_level, cfg_guid):
         c = self.cfg
         th = None
         if think:
             th = self.policy.sample_think(requests, generator=self.gen, max_new_tokens=c.max_think_tokens,
                                           temperature=c.think_temperature)
         cond = self.policy.image_condition(requests, None if th is None else th.tokens, cfg_guid)
-        x, steps = sample_flow(self.policy, cond, len(requests), num_steps=num_steps, shift=c.sampler.shift,
-                               noise_level=noise_level, window=window, generator=self.gen, device=self.device)
+        x, steps = sample_flow(self.policy, cond, len(requests), sigmas=sigmas, noise_level=noise_level,
+                               window=window, generator=self.gen, device=self.device)
         images = self.policy.decode(x)
         ro = Rollout(requests=list(requests), think=None if th is None else th.tokens,
-                     think_logp=None if th is None else th.logp, steps=steps, images=images,
+                     think_logp=None if th is None else th.logp, steps=steps, images=images, cfg=cfg_guid,
                      think_texts=None if th is None else list(th.texts))
         ro.reward_future = self.pool.submit(self._score, images, list(records))
         return ro
 
     def rollout(self, records: Sequence[dict], *, srr: bool):
         """Sample ``len(records) * G`` trajectories in chunks; rewards overlap the next chunk. Returns
-        ``(chunks, records_per_sample, group_ids, init_rewards or None, stage1_seconds)``."""
+        ``(chunks, records_per_sample, group_ids, init_rewards per sample or None)``."""
         c, G = self.cfg, self.cfg.group_size
-        init_rewards, init_images = None, None
-        if srr:
-            init_images, init_rewards = self.initial_images(records)
-        reqs, recs, gids = [], [], []
-        for i, r in enumerate(records):
-            for _ in range(G):
-                if srr:
-                    reqs.append(GenRequest(r["prompt"], image=init_images[i],
-                                           instruction=reflection_instruction(r["prompt"])))
-                else:
-                    reqs.append(GenRequest(r["prompt"]))
-                recs.append(r)
-                gids.append(i)
+        init_rewards = None
         if srr:
             s = c.srr
-            window = sample_sde_window(s.num_steps, s.window, s.window_starts, self.gen)
-            num_steps = s.num_steps
+            init_images, init_rewards = S.initial_images(
+                self.policy, self.reward, records, samples=s.initial_samples, num_steps=s.num_steps,
+                shift=c.sampler.shift, cfg=c.cfg, generator=self.gen, batch=c.micro_batch, grid=c.sampler.grid)
+            reqs = S.refinement_requests(records, init_images, repeat=G)
+            guidance = c.cfg_refine
         else:
             s = c.sampler
-            window = sample_sde_window(s.num_steps, s.window, s.window_starts, self.gen)
-            num_steps = s.num_steps
+            reqs = [GenRequest(r["prompt"]) for r in records for _ in range(G)]
+            guidance = c.cfg
+        recs = [r for r in records for _ in range(G)]
+        gids = [i for i in range(len(records)) for _ in range(G)]
+        window = sample_sde_window(s.num_steps, s.window, s.window_starts, self.gen)
+        sigmas = policy_sigmas(self.policy, s.num_steps, c.sampler.shift, c.sampler.grid)
         chunks = []
         for a in range(0, len(reqs), c.micro_batch):
-            chunks.append(self._rollout_chunk(reqs[a:a + c.micro_batch], recs[a:a + c.micro_batch], think=True,
-                                              num_steps=num_steps, window=window,
-                                              noise_level=c.sampler.noise_level, cfg_guid=c.cfg))
+            chunks.append(self._rollout_chunk(reqs[a:a + c.micro_batch], recs[a:a + c.micro_batch],
+                                              think=self.think, sigmas=sigmas, window=window,
+                                              noise_level=c.sampler.noise_level, cfg_guid=guidance))
         init = None if init_rewards is None else init_rewards.repeat_interleave(G)
         return chunks, recs, torch.tensor(gids), init
-
-    @torch.no_grad()
-    def initial_images(self, records):
-        """SRR stage 1: M deterministic ODE samples per prompt without think; keep the lowest-reward one."""
-        c, M = self.cfg, self.cfg.srr.initial_samples
-        reqs = [GenRequest(r["prompt"]) for r in records for _ in range(M)]
-        recs = [r for r in records for _ in range(M)]
-        images, rewards = [], []
-        for a in range(0, len(reqs), c.micro_batch):
-            part = reqs[a:a + c.micro_batch]
-            cond = self.policy.image_condition(part, None, c.cfg)
-            x, _ = sample_flow(self.policy, cond, len(part), num_steps=c.srr.num_steps, shift=c.sampler.shift,
-                               noise_level=0.0, window=None, generator=self.gen, device=self.device)
-            imgs = self.policy.decode(x)
-            images.extend(list(imgs))
-            rewards.append(self.reward(list(imgs), recs[a:a + c.micro_batch]).rewards)
-        r = torch.cat(rewards).reshape(len(records), M)
-        worst = r.argmin(dim=1)
-        return [images[i * M + int(worst[i])] for i in range(len(records))], r.gather(1, worst[:, None]).squeeze(1)
 
     # ------------------------------------------------------------------ replay
     def _replay_chunk(self, ro: Rollout, adv: torch.Tensor, weight: float, stats: StepStats):
@@ -194,8 +188,8 @@ class GRPOTrainer:
             logp_old = torch.cat(ro.think_logp).to(self.device)
             logp_ref = None
             if lc.beta_text > 0:
-                with torch.no_grad():
-                    ref = self.ref_policy.think_replay(ro.requests, ro.think)
+                with torch.no_grad(), self.reference() as refp:
+                    ref = refp.think_replay(ro.requests, ro.think)
                     zeros = torch.zeros(len(ref.cu_seqlens) - 1, device=self.device)
                     logp_ref = kernels.ar_grpo_loss(ref.hidden, ref.weight, ref.targets, logp_old, zeros,
                                                     ref.cu_seqlens)[1]["logp"]
@@ -210,18 +204,18 @@ class GRPOTrainer:
                 stats.add("kl_text", m["kl"].item(), n)
         if lc.image_weight == 0:
             return
-        cond = self.policy.image_condition(ro.requests, ro.think, c.cfg)
+        cond = self.policy.image_condition(ro.requests, ro.think, ro.cfg)
         cond_ref = None
         if lc.beta_image > 0:
-            with torch.no_grad():
-                cond_ref = self.ref_policy.image_condition(ro.requests, ro.think, c.cfg)
+            with torch.no_grad(), self.reference() as refp:
+                cond_ref = refp.image_condition(ro.requests, ro.think, ro.cfg)
         K = len(ro.steps)
         for st in ro.steps:
             v = self.policy.velocity(st.x, st.sigma, cond)
             mean_ref = None
             if cond_ref is not None:
-                with torch.no_grad():
-                    v_ref = self.ref_policy.velocity(st.x, st.sigma, cond_ref)
+                with torch.no_grad(), self.reference() as refp:
+                    v_ref = refp.velocity(st.x, st.sigma, cond_ref)
                     mean_ref = sde_mean_std(st.x, v_ref, st.sigma, st.sigma_next, c.sampler.noise_level)[0]
             loss_i, m = kernels.flow_grpo_loss(v, st.x, st.prev, st.sigma, st.sigma_next, c.sampler.noise_level,
                                                st.logp, adv, clip=lc.clip_image, adv_clip=lc.adv_clip,
@@ -245,20 +239,18 @@ class GRPOTrainer:
         return stats
 
     # ------------------------------------------------------------------ one step
-    def step(self, records: Sequence[dict]) -> dict:
-        """One GRPO step on ``records`` (this rank's prompts). Returns the step's metrics."""
+    def step(self, records: Sequence[dict]) -> StepResult:
+        """One GRPO step on ``records`` (this rank's prompts)."""
         c = self.cfg
         t0 = time.perf_counter()
         srr = c.task == "srr" or (c.task == "mixed" and
                                  float(torch.rand((), generator=self.gen)) < c.srr.mix)
         chunks, recs, gids, init = self.rollout(records, srr=srr)
         t1 = time.perf_counter()
-        results = [ro.reward_future.result() for ro in chunks]
+        results: list[RewardResult] = [ro.reward_future.result() for ro in chunks]
         t2 = time.perf_counter()
-        rewards = torch.cat([r.rewards for r in results]).float()
-        raw = rewards.clone()
-        if srr and c.reward.fpr:
-            rewards = rectify_false_positives(rewards, init)
+        raw = torch.cat([r.rewards for r in results]).float()
+        rewards = S.rectify(raw, init, c.reward.fpr) if srr else raw
         rank, world = dist_info()
         all_r = gather_all(rewards)
         all_g = gather_all(gids + rank * len(records))  # group labels unique across ranks
@@ -270,8 +262,7 @@ class GRPOTrainer:
         if texts:  # how often the policy wrote a think text (RT2I: reasoned; SRR: wrote a diagnosis)
             metrics["think_rate"] = float(sum(thought(texts)) / len(texts))
         if srr:
-            improved = raw > init
-            metrics["improved_frac"] = float(improved.float().mean())
+            metrics["improved_frac"] = float((raw > init).float().mean())
             metrics["init_reward"] = float(init.mean())
         stats = StepStats()
         skipped = bool((adv_all == 0).all())
@@ -285,6 +276,11 @@ class GRPOTrainer:
         metrics.update(stats.mean())
         metrics.update({"skipped": int(skipped), "time_rollout": t1 - t0, "time_reward_wait": t2 - t1,
                         "time_train": t3 - t2, "samples_per_s": rewards.numel() / max(t3 - t0, 1e-9)})
-        self.last_rollout = (chunks, results, recs)
-        self.last_rewards = {"raw": raw, "rectified": rewards, "init": init, "advantages": adv.detach().cpu()}
-        return metrics
+        return StepResult(metrics=metrics, chunks=chunks, records=recs, scores=results, rewards=raw,
+                          rectified=rewards, init=init, advantages=adv.detach().cpu())
+
+
+@contextlib.contextmanager
+def _adapters_off(policy):
+    with policy.reference():
+        yield policy

@@ -1,11 +1,11 @@
 """Embedded worlds: small, fully known domains in which the whole recipe runs for real on a CPU.
 
 A world provides primitives, a renderer, Primitive-to-Prompt generators (prompt, plan, decomposed questions), and a
-programmatic verifier that answers the questions from pixels. The only world so far is ``shapes``
-(``alphagrpo.worlds.shapes``); ``alphagrpo.worlds.cli`` is the ``alphagrpo data`` command. Importing this package
-does no work.
+programmatic verifier that answers the questions from pixels: ``shapes`` (``alphagrpo.worlds.shapes``). The
+``jsonl`` world (``alphagrpo.worlds.jsonl``) holds your own prompts and questions, with no judge. Worlds are loaded by
+name through ``alphagrpo.worlds.registry``. Importing this package does no work.
 """
 
-WORLDS = ("shapes",)
+WORLDS = ("shapes", "jsonl")
 
 __all__ = ["WORLDS"]

@@ -2,15 +2,20 @@
 
 Two ways to read the first answer token:
 
-- ``mode="top_logprobs"`` (default, what the paper's authors did): ``POST {base}/v1/chat/completions`` with the
-  system prompt, the image as a data URL and the question, ``max_tokens=1``, ``logprobs=true``,
-  ``top_logprobs=k``. The yes/no variants are matched by their text among the top ``k``; a side absent from the top
-  ``k`` counts as probability 0, and a query where neither side appears is a failed query (``on_failure``).
-  Servers that report logprobs before sampling adjustments (vLLM's default ``raw_logprobs``; SGLang) give the same
-  numbers as the local backends, up to the top-``k`` truncation.
 - ``mode="token_ids"`` (SGLang's native ``POST {root}/generate``): asks for the log-probabilities of the exact yes/no
   token ids (``token_ids_logprob``), so nothing is truncated. It needs the model's tokenizer locally (``tokenizer=``
   a path) to resolve the ids and render the chat template.
+- ``mode="top_logprobs"`` (what the paper's authors did): ``POST {base}/v1/chat/completions`` with the system
+  prompt, the image as a data URL and the question, ``max_tokens=1``, ``logprobs=true``, ``top_logprobs=k``
+  (``top_logprobs``, default 20, the most vLLM and OpenAI allow by default). The yes/no variants are matched by
+  their text among the top ``k``; a side absent from the top ``k`` counts as probability 0. A query where NEITHER
+  side is in the top ``k`` (a "top-k gap") has no score: it is logged, counted (``stats["topk_gaps"]`` and
+  ``stats["failed_queries"]``, ``backend_metrics()`` for the server's /metrics) and handled by ``on_failure``
+  ("zero": scored 0, "raise": ``VerifierError``), never reported as a confident 0. Servers that report logprobs
+  before sampling adjustments (vLLM's default ``raw_logprobs``; SGLang) give the same numbers as the local backends
+  whenever the top ``k`` covers yes and no.
+- ``mode="auto"`` (default): ``token_ids`` when a tokenizer is given and the server answers ``/generate`` with
+  token-id log-probabilities (asked once, with a one-token text probe), else ``top_logprobs``.
 
 One request per (image, question), ``concurrency`` in flight, retries with backoff, several base URLs balanced.
 Images are PNG-encoded once per image. The server's prefix cache (SGLang's radix cache, vLLM's automatic prefix
@@ -29,7 +34,11 @@ from ..prompt import (NO_WORDS, SYSTEM_PROMPT, YES_WORDS, apply_expected, build_
 from ..protocol import VerifierError, check_batch, check_failure_policy
 
 log = logging.getLogger(__name__)
-MODES = ("top_logprobs", "token_ids")
+MODES = ("auto", "top_logprobs", "token_ids")
+
+
+class TopKGapError(ValueError):
+    """Neither a yes nor a no variant is among the first token's top-k log-probabilities: the query has no score."""
 
 
 def parse_top_logprobs(answer: dict, yes_ids=(), no_ids=()) -> float:
@@ -63,6 +72,9 @@ def parse_top_logprobs(answer: dict, yes_ids=(), no_ids=()) -> float:
             yes.append(e["logprob"])
         elif word in NO_WORDS and text in (word, " " + word):
             no.append(e["logprob"])
+    if not yes and not no:
+        raise TopKGapError(f"neither a yes nor a no token is among the {len(entries)} top log-probabilities of the "
+                           f"first answer token; raise top_logprobs or use mode='token_ids'")
     return score_from_logprobs(yes, no)
 
 
@@ -83,7 +95,7 @@ class OpenAIVerifier:
     name = "openai"
 
     def __init__(self, base_url: str | Sequence[str], model: str = "default", *, api_key: str | None = None,
-                 mode: str = "top_logprobs", top_logprobs: int = 20, tokenizer: Any = None,
+                 mode: str = "auto", top_logprobs: int = 20, tokenizer: Any = None,
                  system_prompt: str = SYSTEM_PROMPT, concurrency: int = 32, timeout: float = 120.0,
                  retries: int = 3, backoff: float = 0.25, on_failure: str = "zero", image_format: str = "PNG"):
         if mode not in MODES:
@@ -93,6 +105,7 @@ class OpenAIVerifier:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self.roots = [u.rstrip("/").removesuffix("/v1") for u in urls]
         self.model, self.mode, self.top_logprobs = model, mode, top_logprobs
+        self._mode = mode if mode != "auto" else None  # the mode in use; auto decides at the first call
         self.system_prompt, self.image_format = system_prompt, image_format
         self.on_failure = check_failure_policy(on_failure)
         api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -108,7 +121,7 @@ class OpenAIVerifier:
                              "yes/no token ids and render the chat template")
         self._loop = BackgroundLoop("verifier-openai")
         self._pool: HTTPPool | None = None
-        self.stats = {"failed_queries": 0}
+        self.stats = {"failed_queries": 0, "topk_gaps": 0}
 
     def _use_tokenizer(self, tokenizer):
         from ..prompt import answer_tokens, split_chat_template
@@ -134,6 +147,16 @@ class OpenAIVerifier:
         expected = check_expected(expected_answers, question_lists)
         return self._loop.submit(self._score(list(images), [list(q) for q in question_lists], expected)).result()
 
+    def backend_metrics(self) -> dict[str, float]:
+        """Counters for the server's /metrics: failed queries (all causes) and, among them, top-k gaps."""
+        return {"failed_queries": float(self.stats["failed_queries"]),
+                "topk_gap_queries": float(self.stats["topk_gaps"])}
+
+    @property
+    def active_mode(self) -> str | None:
+        """The mode queries use (``auto`` resolves at the first ``score``); None before that."""
+        return self._mode
+
     def close(self) -> None:
         pool, self._pool = self._pool, None
         self._loop.close(pool.aclose() if pool is not None else None)
@@ -142,16 +165,24 @@ class OpenAIVerifier:
     async def _score(self, images, question_lists, expected):
         if self._pool is None:
             self._pool = HTTPPool(self.roots, **self._pool_args)
+        mode = self._mode or await self._resolve_mode()
         loop = asyncio.get_running_loop()
         keep = [i for i, qs in enumerate(question_lists) if qs]
         encoded = await asyncio.gather(*(loop.run_in_executor(None, encode_image, images[i], self.image_format)
                                          for i in keep))
         urls = {i: f"data:image/{self.image_format.lower()};base64,{e}" for i, e in zip(keep, encoded)}
         jobs = [(i, j) for i in keep for j in range(len(question_lists[i]))]
-        results = await asyncio.gather(*(self._query(urls[i], question_lists[i][j]) for i, j in jobs),
+        results = await asyncio.gather(*(self._query(urls[i], question_lists[i][j], mode) for i, j in jobs),
                                        return_exceptions=True)
         out = [[0.0] * len(qs) for qs in question_lists]
         for (i, j), res in zip(jobs, results):
+            if isinstance(res, TopKGapError):
+                self.stats["topk_gaps"] += 1
+                self.stats["failed_queries"] += 1
+                if self.on_failure == "raise":
+                    raise VerifierError(f"query (image {i}, question {j}) has no score: {res}") from res
+                log.warning("query (image %d, question %d) has no score, counted as failed and scored 0: %s", i, j, res)
+                continue
             if isinstance(res, BaseException):
                 transient = not (isinstance(res, HTTPRequestError) and not res.retryable)
                 if self.on_failure == "raise" or not transient:
@@ -162,8 +193,31 @@ class OpenAIVerifier:
             out[i][j] = apply_expected(res, expected[i][j] if expected else None)
         return out
 
-    async def _query(self, image_url: str, question: str) -> float:
-        if self.mode == "token_ids":
+    async def _resolve_mode(self) -> str:
+        """``auto``: token_ids if the server answers a one-token /generate probe with token-id logprobs."""
+        if self.parts is None:
+            self._mode = "top_logprobs"
+            return self._mode
+        payload = {"text": "yes", "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+                   "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0,
+                   "token_ids_logprob": list(self.yes_ids + self.no_ids)}
+        try:
+            parse_token_ids_logprobs(await self._pool.post_json("/generate", payload), self.yes_ids, self.no_ids)
+        except HTTPRequestError as e:
+            if e.retryable:  # the server is unreachable or busy: decide at the next call
+                log.warning("mode='auto': the /generate probe failed (%s); using top_logprobs for this call", e)
+                return "top_logprobs"
+            self._mode = "top_logprobs"
+        except ValueError:  # answered, but without token-id logprobs
+            self._mode = "top_logprobs"
+        else:
+            self._mode = "token_ids"
+        log.info("mode='auto' uses %s (%s)", self._mode, "exact yes/no token ids" if self._mode == "token_ids"
+                 else f"the server has no token-id logprobs; top {self.top_logprobs} log-probabilities")
+        return self._mode
+
+    async def _query(self, image_url: str, question: str, mode: str) -> float:
+        if mode == "token_ids":
             payload = {"text": self.parts.render(question), "image_data": image_url,
                        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
                        "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0,

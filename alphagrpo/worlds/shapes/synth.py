@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from alphagrpo.worlds.jsonl import read_jsonl  # noqa: F401  (re-exported: the shapes data command reads with it)
 from alphagrpo.worlds.shapes.primitives import words
 from alphagrpo.worlds.shapes.prompts import DIFFICULTIES, DIFFICULTY_RATIO, TASKS, make_prompt
 
@@ -112,39 +113,6 @@ def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def _check_questions(rec: Mapping, key: str, where: str) -> None:
-    qs = rec.get(key)
-    if not isinstance(qs, list):
-        raise ValueError(f"{where}: '{key}' must be a list of {{\"question\": str, \"tag\": str}}")
-    for j, q in enumerate(qs):
-        if not (isinstance(q, Mapping) and isinstance(q.get("question"), str) and q["question"].strip()
-                and isinstance(q.get("tag"), str)):
-            raise ValueError(f"{where}: {key}[{j}] must be {{\"question\": non-empty str, \"tag\": str}}, got {q!r}")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Read prompt records (the authors' minimal schema ``prompt`` / ``semantic_questions`` / ``quality_questions``,
-    extra keys kept). Blank lines are skipped; a malformed line raises ``ValueError`` naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-            if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise ValueError(f"{where}: 'prompt' must be a non-empty string")
-            _check_questions(rec, "semantic_questions", where)
-            _check_questions(rec, "quality_questions", where)
-            out.append(rec)
-    return out
 
 
 def summary_table(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:

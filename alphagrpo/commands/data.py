@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-from alphagrpo.worlds import WORLDS
 
 DEFAULT_TRAIN = os.path.join("data", "shapes_train.jsonl")
 DEFAULT_ACCURACY = os.path.join("bench", "results", "shapes_verifier_accuracy.json")
@@ -31,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     sub.required = True
     s = sub.add_parser("synth", help="write train and test prompt records (JSONL) for a world")
-    s.add_argument("--world", choices=WORLDS, default="shapes", help="which embedded world (default: shapes)")
+    s.add_argument("--world", choices=("shapes",), default="shapes", help="which embedded world (default: shapes)")
     s.add_argument("--n-per-task", type=int, default=500, help="training prompts per task type (default 500)")
     s.add_argument("--n-test", type=int, default=1024, help="test prompts in all (default 1024)")
     s.add_argument("--out", default=DEFAULT_TRAIN, help=f"training JSONL (default {DEFAULT_TRAIN}); the test split "

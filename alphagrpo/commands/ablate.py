@@ -30,13 +30,14 @@ STUDIES = {
 def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=(), checkpoint=None,
               world=None) -> dict:
     """Train and evaluate every variant of ``study`` for each seed. Returns the table as a dict."""
+    from alphagrpo.eval.evaluate import EvalSettings, evaluate
+    from alphagrpo.eval.refine import refine
+    from alphagrpo.models.registry import load_policy
     from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import atomic_dir, load_policy
+    from alphagrpo.train.checkpoint import atomic_dir
     from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.evaluate import evaluate
-    from alphagrpo.train.refine import refine
-    from alphagrpo.train.run import train
-    from alphagrpo.train.world import load_world
+    from alphagrpo.train.loop import train
+    from alphagrpo.worlds.registry import load_world
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {sorted(STUDIES)}")
     recipe, variants = STUDIES[study]
@@ -45,27 +46,32 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
     world = world or load_world(base.data)
     test = world.test[:eval_n]
     rows = {}
-    start = load_policy(checkpoint or base.init, base.device, world)
+    if checkpoint:
+        base.model.path = checkpoint
+    start = load_policy(base.model, base.device, world=world)
     for seed in seeds:  # the reference row: the starting checkpoint, evaluated as every variant is
+        s = EvalSettings.from_config(base, seed=10_000 + seed)   # sampling seed offset from the training seed
         if study == "fpr":
-            res = refine(start, DVReward(world.verifier), test, rounds=1, judge=world.judge, **_eval_kw(base, seed))
+            res = refine(start, DVReward(world.verifier), test, s, rounds=1, judge=world.judge)
             rows.setdefault(START_ROW, []).append(_refine_row(seed, res))
         else:
-            ev = evaluate(start, world, test, reward=DVReward(world.verifier), **_eval_kw(base, seed))
+            ev = evaluate(start, world, test, s, reward=DVReward(world.verifier))
             rows.setdefault(START_ROW_RL, []).append({"seed": seed, "accuracy": ev["accuracy"], "reward": ev["reward"]})
     for name, sets in variants.items():
         for seed in seeds:
             cfg = apply_overrides(get_recipe(recipe), list(extra) + sets + [f"steps={steps}", f"seed={seed}",
                                                                             "ckpt_every=0"])
-            cfg.data = base.data
+            cfg.data, cfg.model = base.data, base.model
             run_dir = out / f"{name.replace(' ', '_')}_s{seed}"
-            _, policy = train(cfg, world, run_dir, policy=load_policy(checkpoint or cfg.init, cfg.device, world))
+            _, policy = train(cfg, world, run_dir, policy=load_policy(cfg.model, cfg.device, world=world),
+                              overwrite=True)
             atomic_dir(run_dir / "policy", policy.save_pretrained)  # e.g. for `alphagrpo refine --checkpoint`
             reward = DVReward(world.verifier)
+            s = EvalSettings.from_config(cfg, seed=10_000 + seed)
             if study == "fpr":
-                row = _refine_row(seed, refine(policy, reward, test, rounds=1, judge=world.judge, **_eval_kw(cfg, seed)))
+                row = _refine_row(seed, refine(policy, reward, test, s, rounds=1, judge=world.judge))
             else:
-                ev = evaluate(policy, world, test, reward=reward, **_eval_kw(cfg, seed))
+                ev = evaluate(policy, world, test, s, reward=reward)
                 row = {"seed": seed, "accuracy": ev["accuracy"], "reward": ev["reward"]}
             rows.setdefault(name, []).append(row)
             log.info("%s / %s seed %d: accuracy %.3f reward %.3f", study, name, seed, row["accuracy"], row["reward"])
@@ -78,12 +84,6 @@ def run_study(study: str, *, seeds, steps: int, eval_n: int, out: Path, extra=()
 
 START_ROW = "start checkpoint (no SRR training)"
 START_ROW_RL = "start checkpoint (no GRPO training)"
-
-
-def _eval_kw(cfg, seed: int) -> dict:
-    """Evaluation sampler settings of ``cfg``; the sampling seed is offset from the training seed."""
-    return dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, seed=10_000 + seed,
-                batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens)
 
 
 def _pm(v: dict, key: str) -> str:
@@ -133,7 +133,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from alphagrpo.train.common import print_table, setup_logging
+    from alphagrpo.commands.common import print_table, setup_logging
     setup_logging()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t = run_study(args.study, seeds=seeds, steps=args.steps, eval_n=args.eval_n, out=Path(args.out),

@@ -14,34 +14,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def reward_curve(path: Path, history: list, title: str) -> None:
-    """PNG of the per-step rollout reward (mean and +-std band)."""
-    from alphagrpo.train.common import require
-    require("matplotlib", "train").use("Agg")
-    plt = require("matplotlib.pyplot", "train")
-    steps = list(range(1, len(history) + 1))
-    mean = [h["reward_mean"] for h in history]
-    std = [h["reward_std"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.plot(steps, mean, marker="o", ms=3, label="rollout reward (mean)")
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("DVReward")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="report folder")
     p.add_argument("--recipe", default="tiny_shapes")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=None, help="held-out prompts (default: the recipe's eval_size)")
-    p.add_argument("--checkpoint", default=None, help="start from this TinyUMM checkpoint (default: shipped)")
+    p.add_argument("--checkpoint", default=None, help="start from this policy folder (sets model.path; default: the "
+                   "shipped TinyUMM)")
     p.add_argument("--rl-eval", type=int, default=4, metavar="K",
                    help="when the RL prompt set is small (<= 64 prompts, e.g. --set data.train_per_task=1, so a run "
                         "revisits each), also evaluate K samples of each before and after (0: never)")
@@ -49,12 +29,13 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from alphagrpo.commands.common import print_table, resolve_config, setup_logging
+    from alphagrpo.eval.evaluate import EvalSettings, evaluate, fmt3, summary
+    from alphagrpo.eval.figures import grid_from_eval, reward_curve
+    from alphagrpo.models.registry import load_policy
     from alphagrpo.rewards import DVReward
-    from alphagrpo.train.common import load_policy, print_table, setup_logging
-    from alphagrpo.train.config import apply_overrides, get_recipe
-    from alphagrpo.train.evaluate import evaluate, fmt3, grid_from_eval, summary
-    from alphagrpo.train.run import train
-    from alphagrpo.train.world import load_world
+    from alphagrpo.train.loop import build_reward, train
+    from alphagrpo.worlds.registry import load_world
     setup_logging()
     if args.rl_eval < 0:
         raise ValueError(f"--rl-eval must be >= 0 (samples per RL prompt; 0 skips), got {args.rl_eval}")
@@ -62,18 +43,17 @@ def run(args) -> int:
     overrides = list(args.set) + [f"seed={args.seed}"]
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
-    cfg = apply_overrides(get_recipe(args.recipe), overrides)
+    cfg = resolve_config(args.recipe, overrides, args.checkpoint)
     n_eval = args.eval_n or cfg.eval_size
     cfg.data.test_size = max(cfg.data.test_size, n_eval)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = load_world(cfg.data)
-    policy = load_policy(args.checkpoint or cfg.init, cfg.device, world)
+    policy = load_policy(cfg.model, cfg.device, world=world)
     # evaluation always reports DVReward as the recipe defines it, whatever reward the run trains on
-    reward = DVReward(world.verifier)
+    reward = DVReward(build_reward(cfg, world).verifier)
     test = world.test[:n_eval]
-    ev = dict(num_steps=cfg.sampler.eval_steps, shift=cfg.sampler.shift, cfg=cfg.cfg, reward=reward,
-              seed=10_000 + args.seed, batch=cfg.eval_batch, max_think_tokens=cfg.max_think_tokens)
+    ev = dict(s=EvalSettings.from_config(cfg, seed=10_000 + args.seed), reward=reward)
     log.info("evaluating the starting checkpoint on %d held-out prompts", len(test))
     before = evaluate(policy, world, test, **ev)
     grid_from_eval(out / "before.png", before, test, world)
@@ -81,9 +61,9 @@ def run(args) -> int:
     # the prompts GRPO trains on, K samples each: what the run optimizes, next to what it should transfer to
     seen = [r for r in world.train for _ in range(args.rl_eval)] if len(world.train) <= 64 else []
     n_rl = len(world.train) if seen else 0
-    rl_ev = dict(ev, seed=20_000 + args.seed)
+    rl_ev = dict(ev, s=EvalSettings.from_config(cfg, seed=20_000 + args.seed))
     rl_before = evaluate(policy, world, seen, **rl_ev) if seen else None
-    history, policy = train(cfg, world, out / "run", policy=policy)
+    history, policy = train(cfg, world, out / "run", policy=policy, overwrite=True)
     after = evaluate(policy, world, test, **ev)
     rl_after = evaluate(policy, world, seen, **rl_ev) if seen else None
     grid_from_eval(out / "after.png", after, test, world)

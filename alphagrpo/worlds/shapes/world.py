@@ -1,8 +1,7 @@
-"""A world: where prompts, the reward's verifier and the ground-truth judge come from.
-
-The trainer sees only records (dicts in the authors' schema) and a ``Verifier``; evaluation also needs a strict
-ground-truth judge (GenEval-style). ``load_world`` builds them from ``DataConfig``; the shapes world is the
-embedded default. A JSONL ``train_file`` replaces the synthesized training prompts.
+"""The shapes world (``data.world=shapes``, the embedded default): synthesized prompts, the programmatic
+verifier (the reward's, with ``reward.verifier=world``) and the strict ground-truth judge. A JSONL ``train_file``
+of shapes prompts replaces the synthesized training prompts; every question in it must be one the shapes verifier
+can answer (other prompts belong in the ``jsonl`` world with a real verifier).
 
 Refinement pretraining examples (``sample_edit``): a satisfying scene is sampled, one edit (recolor, reshape,
 resize, move, remove, add) makes it violate at least one semantic question, the wrong render is blurred/noised a
@@ -11,27 +10,12 @@ little (a generated image is never clean), and the think text is ``wrong : <a fa
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
 
 import numpy as np
 
-from alphagrpo.train.config import DataConfig
+from alphagrpo.worlds.base import World
 
 EDIT_WORDS = ("wrong", ":", "plan")
-
-
-@dataclass
-class World:
-    train: list
-    test: list
-    verifier: Any                                   # implements verifier_engine.Verifier
-    judge: Callable[[Any, dict], bool]              # (image, record) -> all semantic questions satisfied
-    words: list                                     # vocabulary for word-level tokenizers
-    sample_target: Optional[Callable] = None        # (record, rng) -> (plan text, uint8 image), for pretraining
-    failed: Optional[Callable] = None               # (image, record) -> failed question dicts
-    sample_edit: Optional[Callable] = None          # (record, rng) -> (wrong image, think text, right image)
-    plan_ok: Optional[Callable] = None              # (think text, record) -> the plan it states satisfies the prompt
 
 
 def _perturb(S, scene, rng: np.random.Generator):
@@ -127,7 +111,7 @@ class HolisticShapesVerifier:
         return out
 
 
-def load_world(cfg: DataConfig) -> World:
+def load_shapes_world(cfg) -> World:
     """The shapes world. Test: the first ``test_size`` prompts of a fixed shuffle of a 1,024-prompt test split (the
     split is ordered by task, so a plain prefix would cover only a few task types); always the same prompts, disjoint
     from everything else. Training (``train_per_task`` prompts per task type), by ``train_split``: ``"unseen"``
@@ -136,8 +120,6 @@ def load_world(cfg: DataConfig) -> World:
     (what ``alphagrpo pretrain`` trains on). ``train_file`` (JSONL) replaces the synthesized training prompts.
     ``quality_per_object="mean"`` scores per-object quality questions by the average object in the reward (the strict
     judge is unchanged)."""
-    if cfg.world != "shapes":
-        raise ValueError(f"unknown world {cfg.world!r}; the built-in world is 'shapes'")
     from alphagrpo.worlds import shapes as S
     unseen = cfg.train_split == "unseen"
     full_train, full_test, extra = S.synthesize_splits(n_per_task=500, n_test=max(1024, cfg.test_size),
@@ -153,7 +135,7 @@ def load_world(cfg: DataConfig) -> World:
     order = np.random.default_rng(cfg.seed + 1_000_003).permutation(len(full_test))
     full_test = [full_test[i] for i in order]
     if cfg.train_file:
-        train = S.read_jsonl(cfg.train_file)
+        train = _shapes_records(cfg.train_file)
     verifier = S.ShapesVerifier()   # the strict judge; its soft answers are the reward's unless quality_per_object
     scorer = verifier if cfg.quality_per_object == "every" else S.ShapesVerifier(cfg.quality_per_object)
     reward_verifier = HolisticShapesVerifier(scorer, full_train + full_test + extra + train)
@@ -170,4 +152,21 @@ def load_world(cfg: DataConfig) -> World:
 
     return World(train=train, test=full_test[: cfg.test_size], verifier=reward_verifier, judge=judge,
                  words=sorted(set(S.vocabulary()) | set(EDIT_WORDS)), sample_target=sample_target,
-                 failed=failed, sample_edit=shapes_edit_example, plan_ok=shapes_plan_ok)
+                 failed=failed, sample_edit=shapes_edit_example, plan_ok=shapes_plan_ok, name="shapes")
+
+
+def _shapes_records(path) -> list:
+    """``data.train_file`` for the shapes world: records whose every question the shapes verifier can parse."""
+    from alphagrpo.worlds import shapes as S
+    from alphagrpo.worlds.jsonl import read_records
+    records = read_records(path)
+    for i, r in enumerate(records):
+        for key in ("semantic_questions", "quality_questions"):
+            for q in r.get(key) or []:
+                try:
+                    S.parse_question(q["question"])
+                except S.QuestionParseError:
+                    raise ValueError(f"data.train_file={path}: record {i + 1} asks {q['question']!r}, which the "
+                                     "shapes world's verifier cannot answer; for prompts of your own use "
+                                     "data.world=jsonl with reward.verifier=ADDRESS (a VLM verifier)") from None
+    return records
