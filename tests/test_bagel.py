@@ -112,7 +112,7 @@ def test_think_sampling_stops_per_sample_and_replay_log_probs_equal_the_sampled_
     # value can round the other way now and then: almost every token must agree to float32 precision, none beyond
     # a few bf16 roundings of the logits (an off-by-one position or a missing context would be off by O(1))
     diff = (logp.detach() - old).abs()
-    assert (diff <= 1e-5).float().mean() >= 0.95, diff
+    assert (diff <= 1e-4).float().mean() >= 0.95, diff
     assert diff.max() <= 1e-2, diff.max()
     assert rep.hidden.requires_grad and rep.weight is pol.lm.lm_head.weight
 
@@ -317,3 +317,37 @@ def test_merged_adapters_and_a_full_save_reload_as_a_plain_bagel_folder(folder, 
     back = load(tmp_path / "full")
     with torch.no_grad():
         assert torch.equal(back.velocity(x, 0.5, back.image_condition(reqs, None, T2I)), merged)
+
+
+# ---------------------------------------------------------------- the command line, on the paper's recipes
+def _tiny_run(folder, recipe):
+    over = {"model.path": folder, "device": "cpu", "data.world": "alphagrpo.models.bagel.testing:brightness",
+            "reward.verifier": "world", "prompts_per_step": 2, "group_size": 3, "micro_batch": 6,
+            "sampler.num_steps": 4, "sampler.window": 2, "sampler.window_starts": "0,1", "sampler.eval_steps": 2,
+            "max_think_tokens": 8, "lora.rank": 4, "lora.alpha": 8, "ckpt_every": 1, "image_every": 0}
+    if recipe == "bagel_srr":
+        over.update({"srr.initial_samples": 2, "srr.num_steps": 4, "srr.window": 2, "srr.window_starts": "0,1"})
+    return ["--recipe", recipe] + [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("recipe", ["bagel_rt2i", "bagel_srr"])
+def test_alphagrpo_train_runs_the_bagel_recipe_and_resumes_exactly(folder, tmp_path, recipe, capsys):
+    from safetensors.torch import load_file
+
+    from alphagrpo.cli import main
+    args = _tiny_run(folder, recipe)
+    assert main(["train", *args, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and any(m["skipped"] == 0 and m["grad_norm"] > 0 for m in metrics)
+    if recipe == "bagel_srr":
+        assert all(m["srr"] == 1 for m in metrics)
+    policy = tmp_path / "a" / "checkpoints" / "step_000002" / "policy"
+    assert json.loads((policy / "alphagrpo_bagel.json").read_text())["base"] == str(folder.resolve())
+    assert not (policy / "ema.safetensors").exists()
+    straight = load_file(str(policy / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in straight.items())   # it trained
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--steps", "1"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--steps", "2", "--resume"]) == 0
+    resumed = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "policy" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -2,8 +2,8 @@
 
 Same module classes as BAGEL-7B-MoT (nemo's MoT Qwen2, SigLIP-NaViT, FLUX-style autoencoder), scaled down: 2 decoder
 layers of width 64 (4 query heads, 2 key/value heads), a 2-layer ViT of width 32 on 8-pixel patches, an autoencoder
-with 32 channels, z = 4 and factor 8, and a byte-level BPE tokenizer (256 byte symbols, no merges, plus BAGEL's
-special tokens) built in memory, so any prompt tokenizes. At the default 64 px an image is 16 latent tokens of 16
+with 32 channels, z = 4 and factor 8, and a byte-level BPE tokenizer trained in memory on a
+few sentences (plus BAGEL's special tokens), so any prompt tokenizes. At the default 64 px an image is 16 latent tokens of 16
 values. ``save_tiny_bagel(folder)`` writes the files a BAGEL folder has (plus our ``ae_config.json`` and
 ``generation.json``), which ``load_bagel`` reads like the real one.
 
@@ -35,17 +35,36 @@ TINY_MAX_LATENT = 8           # latent grid side limit (64 px / 16 = 4 needed)
 TINY_VIT_SIDE = 8             # = image_size / patch_size
 
 
+# what the tiny tokenizer learns merges from: BAGEL's system prompt, SRR's reflection instruction, the test prompts'
+# words. Short token sequences keep the CPU tests fast; any text still tokenizes (byte fallback of byte-level BPE).
+CORPUS = ("You should first think about the planning process in the mind and then generate the image. The planning "
+          "process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here "
+          "the user asked for an image of . you tried and failed to produce the correct image . reflect on what went "
+          "wrong and write the editing instruction . make a bright light dark image please is the ? plan : white "
+          "black red green blue yellow purple orange circle square triangle star big small left right above below "
+          "one two three four a an of and in on at to with next behind front")
+
+
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer (no merges) with BAGEL's special tokens, as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (about 400 tokens) with BAGEL's special tokens, as
+    a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.add_special_tokens(["<|endoftext|>"] + list(SPECIAL.values()))
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"] + list(SPECIAL.values()), show_progress=False)
+    t.train_from_iterator([CORPUS], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    model_max_length=4096)
+
+
+def brightness(data=None):
+    """A world loader (``data.world=alphagrpo.models.bagel.testing:brightness``) for the command-line tests: the
+    brightness prompts and verifier of ``alphagrpo.testing``, which builds in milliseconds."""
+    from alphagrpo.testing import brightness_world
+    return brightness_world(n_train=4, n_test=2)
 
 
 def tiny_bagel(seed: int = 0):
