@@ -351,3 +351,35 @@ def test_alphagrpo_train_runs_the_bagel_recipe_and_resumes_exactly(folder, tmp_p
     assert main(["train", *args, "--out", str(tmp_path / "b"), "--steps", "2", "--resume"]) == 0
     resumed = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "policy" / "adapter_model.safetensors"))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_missing_extra_names_the_install_line(monkeypatch):
+    import sys
+
+    from alphagrpo.models.bagel import _nemo
+    monkeypatch.setattr(_nemo, "_NS", None)
+    monkeypatch.setitem(sys.modules, "nemo_automodel.components.models.bagel", None)   # the import now fails
+    with pytest.raises(ImportError, match="bagel.*--no-deps nemo-automodel==0.7.0 einops"):
+        _nemo.require()
+
+
+def test_sdpa_varlen_equals_flash_semantics_in_float64():
+    """Bottom-right causal alignment (a segment appended to a cache), grouped-query heads, ragged sequences."""
+    from alphagrpo.models.bagel.attention import sdpa_varlen
+    g = gen(12)
+    lq, lk, h, hkv, d = [3, 1, 5], [7, 4, 5], 4, 2, 8
+    q = torch.randn(sum(lq), h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(sum(lk), hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(sum(lk), hkv, d, generator=g, dtype=torch.float64)
+    cq, ck = torch.tensor([0] + lq).cumsum(0), torch.tensor([0] + lk).cumsum(0)
+    for causal in (False, True):
+        got = sdpa_varlen(q, k, v, cq, ck, causal)
+        for i in range(3):
+            qi, ki, vi = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]
+            for head in range(h):
+                s = qi[:, head] @ ki[:, head // (h // hkv)].T / d ** 0.5          # (Lq, Lk)
+                if causal:
+                    allowed = torch.arange(lq[i])[:, None] + lk[i] - lq[i] >= torch.arange(lk[i])[None]
+                    s = s.masked_fill(~allowed, float("-inf"))
+                want = torch.softmax(s, -1) @ vi[:, head // (h // hkv)]
+                torch.testing.assert_close(got[cq[i]:cq[i + 1], head], want)

@@ -312,6 +312,7 @@ class BagelPolicy(PolicyBase):
         lps = [[] for _ in range(B)]
         active = list(range(B))
         cur = torch.full((B,), self.special["bos"], dtype=torch.long)
+        head = self.lm.lm_head.weight.float().t()   # float32 logits as the AR loss computes them (one copy per call)
         for _ in range(max_new_tokens):
             run = [seqs[i] for i in active]
             pos = torch.tensor([s.rope for s in run])
@@ -319,7 +320,7 @@ class BagelPolicy(PolicyBase):
                               update=True)
             for s in run:
                 s.rope += 1
-            logits = h.float() @ self.lm.lm_head.weight.float().t()   # float32, as the AR loss computes them
+            logits = h.float() @ head
             logp = F.log_softmax(logits, dim=-1)
             if temperature == 0:
                 nxt = logits.argmax(-1).cpu()
