@@ -4,7 +4,9 @@
 #   2. the verifier benchmark (python -m bench.verifier, when bench/verifier.py exists),
 #   3. the kernel benchmarks (python -m bench.kernels, full shapes).
 # Everything goes to $OUT when set (else bench/results/gpu_check/); bench.kernels also writes
-# bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 s) keep the whole run under 8 minutes.
+# bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 s) keep the whole run under 8 minutes; then, only
+# where nemo-automodel and peft import, the BAGEL cost check (bench.bagel_smoke --random 7b, 120 s more; SKIP_BAGEL=1
+# skips it).
 # The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
 # Between 2 and 3, when the interpreter imports tensorrt_llm: the trtllm backend check (python -m bench.trtllm_check:
 #   agreement with hf, repeat from the KV cache, image hashing, throughput next to native; TRTLLM_MODEL=/ckpt to use
@@ -102,7 +104,18 @@ timeout 220 "$PY" -m bench.kernels --time-budget 170 --out "$OUT_DIR/kernels.jso
   > "$OUT_DIR/kernels.txt" 2> "$OUT_DIR/kernels.stderr.txt"
 RC_KERNELS=$?
 
-log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, trtllm check rc=$RC_TRTLLM, kernels rc=$RC_KERNELS (outputs in $OUT_DIR)"
+RC_BAGEL="skipped (no nemo-automodel/peft: pip install --no-deps nemo-automodel==0.7.0 einops; pip install peft)"
+if [ "${SKIP_BAGEL:-0}" = 1 ]; then
+  RC_BAGEL="not run (SKIP_BAGEL=1)"
+elif "$PY" -c "import nemo_automodel.components.models.bagel, peft" > /dev/null 2>&1; then
+  log "BAGEL-7B-MoT-shaped random model: rollout/replay cost, G=14 peak memory, drift (timeout 120 s)"
+  timeout 120 "$PY" -m bench.bagel_smoke --random 7b --think-tokens 128 --out "$OUT_DIR/bagel_random.json" \
+    > "$OUT_DIR/bagel_random.txt" 2>&1
+  RC_BAGEL=$?
+  grep -v '^{' "$OUT_DIR/bagel_random.txt" | tail -n 6
+fi
+
+log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, trtllm check rc=$RC_TRTLLM, kernels rc=$RC_KERNELS, bagel rc=$RC_BAGEL (outputs in $OUT_DIR)"
 tail -n 3 "$OUT_DIR/kernels.stderr.txt" 2>/dev/null
 if [ -s "$OUT_DIR/kernels.txt" ]; then
   tail -n 1 "$OUT_DIR/kernels.txt"                                 # the JSON line

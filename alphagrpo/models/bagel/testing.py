@@ -67,24 +67,57 @@ def brightness(data=None):
     return brightness_world(n_train=4, n_test=2)
 
 
+# BAGEL-7B-MoT's shapes (Qwen2.5-7B in both experts, SigLIP-so400m with 27 stated layers, the FLUX autoencoder),
+# for random-weight cost measurements (bench/bagel_smoke.py --random 7b)
+BAGEL_7B_LLM = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                    hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False, model_type="qwen2",
+                    vocab_size=152064)
+BAGEL_7B_VIT = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    patch_size=14, image_size=980, num_channels=3, layer_norm_eps=1e-6,
+                    hidden_act="gelu_pytorch_tanh", model_type="siglip_vision_model")
+BAGEL_7B_AE = dict(resolution=256, in_channels=3, downsample=8, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4],
+                   num_res_blocks=2, z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
+
+
+def random_bagel(llm: dict, vit: dict, ae: dict, *, max_latent: int, vit_side: int, tokenizer, seed: int = 0,
+                 device="cpu", dtype: torch.dtype = torch.float32):
+    """``(bagel, autoencoder)`` with random weights: BAGEL in ``dtype`` (built directly in it, on ``device``), the
+    autoencoder in float32; both as built (train mode). ``llm["vocab_size"]`` defaults to the tokenizer's size."""
+    ns = require()
+    llm = dict(llm, pad_token_id=tokenizer.pad_token_id, qk_norm=True, layer_module="Qwen2MoTDecoderLayer")
+    llm.setdefault("vocab_size", len(tokenizer))
+    cfg = ns.BagelConfig(text_config=llm, vision_config=dict(vit, rope=False), visual_und=True, visual_gen=True,
+                         stage=2, max_latent_size=max_latent, latent_patch_size=2, vit_patch_size=vit["patch_size"],
+                         vit_max_num_patch_per_side=vit_side, connector_act="gelu_pytorch_tanh",
+                         vit_select_layer=-2, vit_rope=False, timestep_shift=1.0, pad_token_id=tokenizer.pad_token_id,
+                         vae_config={"z_channels": ae["z_channels"], "downsample": ae["downsample"]})
+    devs = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    old = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=devs):
+        torch.manual_seed(seed)
+        try:
+            torch.set_default_dtype(dtype)
+            with torch.device(device):
+                bagel = ns.Bagel(cfg)
+        finally:
+            torch.set_default_dtype(old)
+        with torch.device(device):
+            vae = ns.AutoEncoder(ns.AutoEncoderParams(**ae))
+        m = bagel.model
+        torch.nn.init.normal_(m.llm2vae.weight, std=0.2 / (llm["hidden_size"] / 64) ** 0.5)   # zero as built
+        torch.nn.init.normal_(m.llm2vae.bias, std=0.1)
+    return bagel, vae
+
+
 def tiny_bagel(seed: int = 0):
     """``(bagel, autoencoder, tokenizer)``: random tiny modules in float32 and train mode, as built."""
-    ns = require()
     tok = tiny_tokenizer()
-    llm = dict(TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id, qk_norm=True,
-               layer_module="Qwen2MoTDecoderLayer")
-    cfg = ns.BagelConfig(text_config=llm, vision_config=dict(TINY_VIT, rope=False), visual_und=True, visual_gen=True,
-                         stage=2, max_latent_size=TINY_MAX_LATENT, latent_patch_size=2, vit_patch_size=8,
-                         vit_max_num_patch_per_side=TINY_VIT_SIDE, connector_act="gelu_pytorch_tanh",
-                         vit_select_layer=-2, vit_rope=False, timestep_shift=1.0, pad_token_id=tok.pad_token_id,
-                         vae_config={"z_channels": TINY_AE["z_channels"], "downsample": TINY_AE["downsample"]})
+    bagel, vae = random_bagel(TINY_LLM, TINY_VIT, TINY_AE, max_latent=TINY_MAX_LATENT, vit_side=TINY_VIT_SIDE,
+                              tokenizer=tok, seed=seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        bagel = ns.Bagel(cfg)
-        vae = ns.AutoEncoder(ns.AutoEncoderParams(**TINY_AE))
+        torch.manual_seed(seed + 1)
         m = bagel.model
-        torch.nn.init.normal_(m.llm2vae.weight, std=0.2)
-        torch.nn.init.normal_(m.llm2vae.bias, std=0.1)
         torch.nn.init.normal_(m.language_model.lm_head.weight, std=0.5)   # peaked next-token distributions
         torch.nn.init.normal_(m.language_model.model.embed_tokens.weight, std=0.5)
         m.language_model.lm_head.weight.data[tok.convert_tokens_to_ids(SPECIAL["eos"])] *= 2.0  # varied think lengths
