@@ -294,6 +294,10 @@ def test_encode_decode_shapes_and_determinism(folder):
     assert imgs.shape == (2, 64, 64, 3) and imgs.dtype == np.uint8
     z1, z2 = pol.encode(imgs), pol.encode(imgs)
     assert z1.shape == (2, *pol.latent_shape) and torch.equal(z1, z2)   # posterior mean: no hidden noise
+    big = np.repeat(np.repeat(imgs, 2, axis=1), 2, axis=2)                # other sizes are resized first
+    assert pol.encode(big).shape == z1.shape
+    with pytest.raises(ValueError, match="uint8"):
+        pol.encode(imgs.astype(np.float32))
 
 
 def test_merged_adapters_and_a_full_save_reload_as_a_plain_bagel_folder(folder, tmp_path):

@@ -68,7 +68,7 @@ def to_pixels(image: np.ndarray, size) -> torch.Tensor:
         raise ValueError(f"images must be uint8 [H, W, 3], got {a.dtype} {a.shape}")
     if (a.shape[1], a.shape[0]) != tuple(size):
         a = np.asarray(Image.fromarray(a).resize(tuple(size), Image.BICUBIC))
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -418,11 +418,11 @@ class BagelPolicy(PolicyBase):
 
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
-        """uint8 ``[B, H, W, 3]`` at the policy's resolution -> latent tokens ``[B, T, d]`` (float32)."""
+        """uint8 ``[B, H, W, 3]`` -> latent tokens ``[B, T, d]`` (float32), resized (bicubic) to the policy's
+        square resolution first."""
         a = np.asarray(images)
-        if a.ndim != 4 or a.shape[1:] != (self.resolution, self.resolution, 3) or a.dtype != np.uint8:
-            raise ValueError(f"encode expects uint8 [B, {self.resolution}, {self.resolution}, 3], got {a.dtype} "
-                             f"{a.shape}")
+        if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+            raise ValueError(f"encode expects uint8 images [B, H, W, 3], got {a.dtype} {a.shape}")
         px = torch.stack([P.to_pixels(im, (self.resolution, self.resolution)) for im in a]).to(self.device)
         z = self._encode_pixels(px)
         return torch.stack([P.patchify(zi, self.m.latent_patch_size) for zi in z])
