@@ -60,8 +60,9 @@ def build_config(folder):
     folder = Path(folder)
     for name in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a BAGEL model folder: {name} is missing (expected llm_config.json, "
-                                    "vit_config.json, ema.safetensors, ae.safetensors and the tokenizer files)")
+            raise FileNotFoundError(f"{folder} is not a BAGEL model folder: {name} is missing (expected "
+                                    "llm_config.json, vit_config.json, ema.safetensors, ae.safetensors and the "
+                                    "tokenizer files)")
     llm = json.loads((folder / "llm_config.json").read_text())
     llm.update(qk_norm=True, tie_word_embeddings=False, layer_module="Qwen2MoTDecoderLayer")
     vit = json.loads((folder / "vit_config.json").read_text())

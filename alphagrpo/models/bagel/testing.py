@@ -2,15 +2,16 @@
 
 Same module classes as BAGEL-7B-MoT (nemo's MoT Qwen2, SigLIP-NaViT, FLUX-style autoencoder), scaled down: 2 decoder
 layers of width 64 (4 query heads, 2 key/value heads), a 2-layer ViT of width 32 on 8-pixel patches, an autoencoder
-with 32 channels, z = 4 and factor 8, and a byte-level BPE tokenizer trained in memory on a
-few sentences (plus BAGEL's special tokens), so any prompt tokenizes. At the default 64 px an image is 16 latent tokens of 16
-values. ``save_tiny_bagel(folder)`` writes the files a BAGEL folder has (plus our ``ae_config.json`` and
-``generation.json``), which ``load_bagel`` reads like the real one.
+with 32 channels, z = 4 and factor 8, and a byte-level BPE tokenizer trained in memory on a few sentences (plus
+BAGEL's special tokens), so any prompt tokenizes. At the default 64 px an image is 16 latent tokens of 16 values.
+``save_tiny_bagel(folder)`` writes the files a BAGEL folder has (plus our ``ae_config.json`` and
+``generation.json``), which ``load_bagel`` reads like the real one. ``random_bagel`` builds any size (the bench's
+BAGEL-7B-MoT-shaped model).
 
 Pitfalls handled (ADAPTERS.md): ``pad_token_id`` inside the tiny vocabulary; ``stage=2`` (otherwise the layer class
 is the non-MoT one); ViT ``image_size / patch_size == vit_max_num_patch_per_side``; ``llm2vae`` re-initialised (it is
-zero-initialised, which makes every velocity 0); the LM head's
-``<|im_end|>`` row doubled so that sampled think texts stop at varied lengths (per-sample stop is exercised).
+zero-initialised, which makes every velocity 0); the LM head's ``<|im_end|>`` row doubled so that sampled think
+texts stop at varied lengths (the per-sample stop is exercised).
 """
 from __future__ import annotations
 
