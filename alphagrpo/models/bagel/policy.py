@@ -62,12 +62,37 @@ WRAPPED = "_checkpoint_wrapped_module."
 
 @dataclass
 class Condition:
-    """Detached contexts of every CFG branch, branch-major (sequence ``b * n + i`` is branch ``b``, sample ``i``)."""
+    """Detached contexts of every CFG branch, branch-major (sequence ``b * n + i`` is branch ``b``, sample ``i``).
+    ``packed``: the caches of all branches concatenated per layer (built on first use, reused by every step; a
+    leading run of branches is a slice of it)."""
     seqs: list
     branches: tuple
     n: int
     cfg: CFGConfig
     refine: bool
+    packed: Optional[tuple] = None
+
+    def cache_for(self, use: Sequence[str]) -> Optional[tuple]:
+        """Per-layer ``(keys, values)`` of the branches ``use``, or None when they are not a leading run."""
+        if tuple(use) != self.branches[:len(use)]:
+            return None
+        if self.packed is None:
+            self.packed = _pack(self.seqs)
+        if self.packed is False:
+            return None
+        rows = sum(s.length for s in self.seqs[:len(use) * self.n])
+        ks, vs = self.packed
+        return [k[:rows] for k in ks], [v[:rows] for v in vs]
+
+
+def _pack(seqs):
+    full = [s for s in seqs if s.length]       # an empty context (no-text branch, no system prompt) adds no rows
+    if not full:
+        return False
+    n_layers = len(full[0].k)
+    ks = [torch.cat([s.k[i] for s in full]) if len(full) > 1 else full[0].k[i] for i in range(n_layers)]
+    vs = [torch.cat([s.v[i] for s in full]) if len(full) > 1 else full[0].v[i] for i in range(n_layers)]
+    return ks, vs
 
 
 class BagelPolicy(PolicyBase):
@@ -135,21 +160,19 @@ class BagelPolicy(PolicyBase):
 
     # ------------------------------------------------------------------ the one decoder call
     def _forward(self, seqs: Sequence[P.Seq], embeds, q_lens, positions, *, mode: str, causal: bool,
-                 update: bool, vae_index=None, text_index=None):
-        """Run ``embeds [Nq, H]`` (the queries of ``seqs``, packed in order) through the decoder over their caches.
-        With ``update`` each ``Seq`` gets its queries appended to its cache. Returns the final hidden ``[Nq, H]``."""
+                 update: bool, vae_index=None, text_index=None, packed=None):
+        """Run ``embeds [Nq, H]`` (the queries of ``seqs``, packed in order) through the decoder over their caches
+        (``packed``: their caches already concatenated per layer). With ``update`` each ``Seq`` gets its queries
+        appended to its cache. Returns the final hidden ``[Nq, H]``."""
         ns = require()
         dev = self.device
         n_layers = len(self._layers())
         cache = ns.NaiveCache(n_layers)
         kv_lens = [s.length for s in seqs]
         if any(kv_lens):
-            full = [s for s in seqs if s.length]
-            for layer in range(n_layers):           # an empty context (no-text branch without a system prompt)
-                ks = [s.k[layer] for s in full]     # contributes no rows
-                vs = [s.v[layer] for s in full]
-                cache.key_cache[layer] = torch.cat(ks) if len(ks) > 1 else ks[0]
-                cache.value_cache[layer] = torch.cat(vs) if len(vs) > 1 else vs[0]
+            ks, vs = packed if packed is not None else _pack(seqs)
+            for layer in range(n_layers):
+                cache.key_cache[layer], cache.value_cache[layer] = ks[layer], vs[layer]
         kv_idx, q_idx = P.packed_indexes(kv_lens, q_lens)
         extra = {}
         if mode == "gen":
@@ -335,6 +358,8 @@ class BagelPolicy(PolicyBase):
                 cur[i] = nxt[j]
                 if int(nxt[j]) != eos:
                     still.append(i)
+                else:
+                    seqs[i] = None            # its cache would pin this step's packed tensors until the end
             active = still
             if not active:
                 break
@@ -410,7 +435,7 @@ class BagelPolicy(PolicyBase):
         embeds = embeds.index_put((text_idx,), self._embed_ids([self.special["soi"], self.special["eoi"]] * (k * n)))
         pos = torch.tensor([s.rope for s in seqs]).repeat_interleave(q)
         h = self._forward(seqs, embeds, [q] * (k * n), pos, mode="gen", causal=False, update=False,
-                          vae_index=img_idx, text_index=text_idx)
+                          vae_index=img_idx, text_index=text_idx, packed=cond.cache_for(use))
         return self.m.llm2vae(h[img_idx]).float().reshape(k, n, T, -1)
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
