@@ -180,6 +180,28 @@ def test_cfg_and_renorm_equal_a_float64_formula_on_the_branch_outputs(folder, re
         assert torch.equal(mixed[0], got[0]) and torch.equal(mixed[1], at03[1])
 
 
+def test_contexts_hold_what_each_branch_should_and_think_enters_the_full_branch_only(folder):
+    pol = load(folder)
+    S = len(pol._system) + 2                                   # each text segment is <|im_start|> ... <|im_end|>
+    reqs = [GenRequest(PROMPTS[2])]
+    P_ = len(pol._text(PROMPTS[2])) + 2
+    eos = pol.special["eos"]
+    a, b = [torch.tensor([5, 6, 7, eos])], [torch.tensor([9, 9, eos])]
+    ca, cb = pol.image_condition(reqs, a, T2I), pol.image_condition(reqs, b, T2I)
+    assert [s.length for s in ca.seqs] == [S + P_ + 3 + 2, S]     # think ids without the final <|im_end|>, rewrapped
+    assert all(torch.equal(x, y) for x, y in zip(ca.seqs[1].k, cb.seqs[1].k))   # no-text: no think in it
+    assert cb.seqs[0].length == ca.seqs[0].length - 1 and torch.equal(ca.seqs[0].k[0][:S + P_],
+                                                                    cb.seqs[0].k[0][:S + P_])  # same up to think
+    plain = pol.image_condition(reqs, None, T2I)                  # no think: no system prompt either
+    assert [s.length for s in plain.seqs] == [P_, 0]
+    ref = refine_requests(pol, 1)
+    instr = len(pol._text(ref[0].instruction)) + 2
+    vae, vit = pol.latent_shape[0] + 2, (64 // 8) ** 2 + 2       # tiny: 16 latent tokens, 8 x 8 ViT patches
+    cr = pol.image_condition(ref, a, REFINE)
+    assert [s.length for s in cr.seqs] == [S + vae + vit + instr + 5, S + vae + vit, S + instr]
+    assert [s.rope for s in cr.seqs] == [S + 2 + instr + 5, S + 2, S + instr]   # an image block is one position
+
+
 def test_combine_cfg_without_renorm_is_plain_guidance():
     v = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     out = combine_cfg(v, ("full", "no_text"), CFGConfig(text_scale=3.0, renorm=False), False)
