@@ -244,6 +244,15 @@ def test_gradients_reach_lora_of_both_experts_and_nothing_in_the_context(folder)
     assert {id(p) for p in pol.trainable_parameters()} == {id(p) for p in lora.values()}
 
 
+def test_lora_targets_are_fnmatch_patterns_over_module_names(folder):
+    pol = load(folder)
+    pol.enable_lora(2, 4.0, targets=("*.mlp_moe_gen.*", "*.language_model.*.layers.0.self_attn.q_proj"))
+    names = sorted(pol._lora_layers())
+    assert len(names) == 7 and all("mlp_moe_gen" in n or n.endswith("layers.0.self_attn.q_proj") for n in names)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        load(folder).enable_lora(2, 4.0, targets=("*.no_such_layer",))
+
+
 def test_gradient_checkpointing_gives_equal_gradients(folder):
     grads = []
     for ckpt in (False, True):

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,19 +474,23 @@ class BagelPolicy(PolicyBase):
         peft = require_peft()
         if self.lora:
             raise ValueError("this policy already has LoRA adapters; merge_lora() them first or keep training them")
-        pattern = "|".join(fnmatch.translate(t).removesuffix(r"\Z").removeprefix("(?s:").removesuffix(")")
-                           for t in targets) if targets else LORA_TARGETS
         ckpt = self._ckpt
-        self.set_gradient_checkpointing(False)
+        self.set_gradient_checkpointing(False)          # names without wrapper fragments; wrappers go on after
+        linear = [n for n, m in self.bagel.named_modules() if isinstance(m, torch.nn.Linear)]
+        if targets:
+            names = [n for n in linear if any(fnmatch.fnmatchcase(n, t) for t in targets)]
+        else:
+            names = [n for n in linear if re.fullmatch(LORA_TARGETS, n)]
+        if not names:
+            self.set_gradient_checkpointing(ckpt)
+            raise ValueError(f"LoRA targets {list(targets) or 'default'} match no linear layer of BAGEL; layers are "
+                             f"named like {linear[:3]}")
         self.bagel.requires_grad_(False)
         devs = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devs):
             torch.manual_seed(seed)
-            try:
-                peft.inject_adapter_in_model(peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                                                             target_modules=pattern), self.bagel)
-            except ValueError as e:
-                raise ValueError(f"LoRA targets {list(targets) or 'default'} match no layer of BAGEL ({e})") from None
+            peft.inject_adapter_in_model(peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                                                         target_modules=names), self.bagel)
         for n, p in self.bagel.named_parameters():
             if ".lora_" in n:
                 p.data = p.data.float()
