@@ -26,6 +26,10 @@ Precision: nemo's inference layers cast to bfloat16 internally (attention inputs
 model runs in bfloat16 weights (``model.dtype=bfloat16``); LoRA adapters are float32. Step convention: the official
 ``generate_image(num_timesteps=N)`` takes N-1 steps on ``linspace(1, 0, N)``, which is our ``flow_sigmas(N - 1)``:
 the authors' "16 steps" and "40 steps" are ``num_steps=15`` and ``39`` here (docs/bagel.md).
+
+Chose not to: share a common prefix (the system prompt) between different contexts (only whole contexts are shared);
+keep finished think samples in the decoding batch; use the official sampler's TaylorSeer feature cache (it would
+make replay differ from rollout); combine CFG in bfloat16 as the official code does.
 """
 from __future__ import annotations
 
