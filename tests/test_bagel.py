@@ -442,3 +442,12 @@ def test_cuda_rollout_and_replay_agree_on_the_tiny_bagel(folder):
         v = pol.velocity(st.x, st.sigma, replay)
         mean, std = sde_mean_std(st.x, v, st.sigma, st.sigma_next, 0.7)
         assert (sde_step_logprob(st.prev, mean, std) - st.logp).abs().max() <= 1e-6
+
+
+def test_image_sizes_follow_the_official_resize_rule():
+    from alphagrpo.models.bagel.packing import fit_size
+    assert fit_size(512, 512, 1024, 512, 16) == (512, 512)      # VAE: a 512 px image is 32 x 32 latent tokens
+    assert fit_size(512, 512, 980, 224, 14) == (518, 518)       # ViT: 37 x 37 patches
+    assert fit_size(300, 200, 1024, 512, 16) == (768, 512)      # short side raised to the minimum
+    assert fit_size(300, 200, 980, 224, 14) == (336, 224)
+    assert fit_size(4000, 1000, 1024, 512, 16) == (1024, 256)   # long side capped, short side follows

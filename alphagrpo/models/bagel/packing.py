@@ -60,15 +60,21 @@ def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixe
     return nw, nh
 
 
-def to_pixels(image: np.ndarray, size) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` -> float32 ``[3, h, w]`` in [-1, 1], resized (PIL bicubic) to ``size = (w, h)``."""
+def resize(image: np.ndarray, size) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` resized (PIL bicubic, as the official transforms) to ``size = (w, h)``; unchanged when it
+    already has that size."""
     from PIL import Image
     a = np.asarray(image)
     if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [H, W, 3], got {a.dtype} {a.shape}")
-    if (a.shape[1], a.shape[0]) != tuple(size):
-        a = np.asarray(Image.fromarray(a).resize(tuple(size), Image.BICUBIC))
-    return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+    if (a.shape[1], a.shape[0]) == tuple(size):
+        return a
+    return np.asarray(Image.fromarray(a).resize(tuple(size), Image.BICUBIC))
+
+
+def to_pixels(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> float32 ``[3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

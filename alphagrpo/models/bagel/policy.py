@@ -302,19 +302,26 @@ class BagelPolicy(PolicyBase):
         for s in seqs:
             s.rope += 1
 
-    def _vae_tokens(self, image):
-        """uint8 image -> (latent tokens ``[h*w, d]`` float32, h, w), resized by the official VAE rule."""
+    def _vae_image(self, image) -> np.ndarray:
+        """The input image resized by the official VAE rule (the ViT then starts from this one, as officially)."""
         ld = self.m.latent_downsample
         size = P.fit_size(image.shape[1], image.shape[0], self.m.max_latent_size * ld, self.resolution, ld)
-        z = self._encode_pixels(P.to_pixels(image, size)[None].to(self.device))[0]
-        return P.patchify(z, self.m.latent_patch_size), size[1] // ld, size[0] // ld
+        return P.resize(image, size)
+
+    def _vae_tokens(self, image):
+        """uint8 image -> (latent tokens ``[h*w, d]`` float32, h, w)."""
+        a = self._vae_image(image)
+        z = self._encode_pixels(P.to_pixels(a)[None].to(self.device))[0]
+        ld = self.m.latent_downsample
+        return P.patchify(z, self.m.latent_patch_size), a.shape[0] // ld, a.shape[1] // ld
 
     def _vit_tokens(self, image):
+        """uint8 image -> (ViT patches ``[h*w, 3 p p]`` float32, h, w), resized by the official ViT rule."""
         c = self.m.config
-        p = c.vit_patch_size
-        side = c.vit_max_num_patch_per_side
-        size = P.fit_size(image.shape[1], image.shape[0], p * side, min(16 * p, p * side), p)
-        return P.patchify(P.to_pixels(image, size).to(self.device), p), size[1] // p, size[0] // p
+        p, side = c.vit_patch_size, c.vit_max_num_patch_per_side
+        a = self._vae_image(image)
+        a = P.resize(a, P.fit_size(a.shape[1], a.shape[0], p * side, min(16 * p, p * side), p))
+        return P.patchify(P.to_pixels(a).to(self.device), p), a.shape[0] // p, a.shape[1] // p
 
     def _vit_embed(self, parts, grids) -> torch.Tensor:
         side = self.m.config.vit_max_num_patch_per_side
@@ -453,7 +460,7 @@ class BagelPolicy(PolicyBase):
         a = np.asarray(images)
         if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
             raise ValueError(f"encode expects uint8 images [B, H, W, 3], got {a.dtype} {a.shape}")
-        px = torch.stack([P.to_pixels(im, (self.resolution, self.resolution)) for im in a]).to(self.device)
+        px = torch.stack([P.to_pixels(P.resize(im, (self.resolution, self.resolution))) for im in a]).to(self.device)
         z = self._encode_pixels(px)
         return torch.stack([P.patchify(zi, self.m.latent_patch_size) for zi in z])
 
