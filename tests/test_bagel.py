@@ -75,6 +75,9 @@ def test_loader_refuses_other_dtypes_and_names_the_missing_folder(folder):
         load_policy(ModelConfig(kind="bagel", path=str(folder)))
     with pytest.raises(ValueError, match="model.path"):
         load_policy(ModelConfig(kind="bagel", dtype="bfloat16"))
+    with pytest.raises(ValueError, match="resolution=N"):
+        load(folder, options=("size=3",))
+    assert load(folder, options=("resolution=32",)).latent_shape == (4, 16)
 
 
 def test_one_sample_alone_equals_the_same_sample_in_a_ragged_batch(folder):
