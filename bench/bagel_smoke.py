@@ -7,7 +7,7 @@ Two modes (docs/bagel.md):
   2. a sample with and without think text at ``--resolution`` (PNGs in ``--images``);
   3. an RT2I rollout of ``--group`` samples, replayed at once: the distribution of ``|logp_replay - logp_rollout|``
      over think tokens, and of ``|ratio - 1|`` per image step against the 1e-5 clip (bf16 drift);
-  4. one LoRA GRPO step of the ``bagel_rt2i`` recipe (G = ``--group``, a brightness stub reward: the cost, not the
+  4. one LoRA GRPO step of the ``bagel_rt2i`` recipe (G = ``--group``, a brightness stub verifier: the cost, not the
      learning) with its time split and peak memory;
   5. one SRR round: the initial image (no think), a reflection with think, the refined image (both PNGs saved).
 ``--random 7b`` (no weights): a randomly initialised BAGEL-7B-MoT-shaped model in bf16: rollout and replay seconds
@@ -81,9 +81,9 @@ def drift(policy, cfg, records, gen) -> dict:
     from alphagrpo.kernels.sde import sde_mean_std
     from alphagrpo.rewards import DVReward
     from alphagrpo.sampler import sde_step_logprob
-    from alphagrpo.testing import BrightnessVerifier
+    from alphagrpo.models.bagel.testing import BrightnessJudge
     from alphagrpo.train.trainer import GRPOTrainer
-    tr = GRPOTrainer(policy, DVReward(BrightnessVerifier()), cfg, generator=gen)
+    tr = GRPOTrainer(policy, DVReward(BrightnessJudge()), cfg, generator=gen)
     try:
         _sync()
         t0 = time.perf_counter()
@@ -161,9 +161,9 @@ def real(args, out: dict):
     pol.enable_lora(cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
     out["drift"] = drift(pol, cfg, records, gen)
     from alphagrpo.rewards import DVReward
-    from alphagrpo.testing import BrightnessVerifier
+    from alphagrpo.models.bagel.testing import BrightnessJudge
     from alphagrpo.train.trainer import GRPOTrainer
-    tr = GRPOTrainer(pol, DVReward(BrightnessVerifier()), cfg, generator=gen)
+    tr = GRPOTrainer(pol, DVReward(BrightnessJudge()), cfg, generator=gen)
     try:
         _reset_peak()
         m = tr.step(records).metrics

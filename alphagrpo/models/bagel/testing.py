@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from alphagrpo.models.bagel._nemo import require
@@ -61,11 +62,25 @@ def tiny_tokenizer():
                                    model_max_length=4096)
 
 
+class BrightnessJudge:
+    """A ``Verifier`` for the command-line tests: every question scores the image's mean brightness in [0, 1]."""
+
+    def score(self, images, question_lists):
+        return [[float(np.asarray(img, dtype=np.float32).mean() / 255.0)] * len(qs)
+                for img, qs in zip(images, question_lists)]
+
+
 def brightness(data=None):
-    """A world loader (``data.world=alphagrpo.models.bagel.testing:brightness``) for the command-line tests: the
-    brightness prompts and verifier of ``alphagrpo.testing``, which builds in milliseconds."""
-    from alphagrpo.testing import brightness_world
-    return brightness_world(n_train=4, n_test=2)
+    """A world loader (``data.world=alphagrpo.models.bagel.testing:brightness``) for the command-line tests: four
+    prompts asking for bright images, scored by ``BrightnessJudge``; builds in microseconds."""
+    from alphagrpo.worlds.base import World
+
+    def rec(i):
+        return {"prompt": ["a bright image", "a light image please", "make a bright white image", "a light sky"][i],
+                "semantic_questions": [{"question": "is the image bright ?", "tag": "Attribute"}],
+                "quality_questions": [{"question": "is the image well lit ?", "tag": "Lighting"}]}
+    return World(train=[rec(i) for i in range(4)], test=[rec(i) for i in range(2)], verifier=BrightnessJudge(),
+                 name="brightness")
 
 
 # BAGEL-7B-MoT's shapes (Qwen2.5-7B in both experts, SigLIP-so400m with 27 stated layers, the FLUX autoencoder),
