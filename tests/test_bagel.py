@@ -120,14 +120,15 @@ def test_think_sampling_stops_per_sample_and_replay_log_probs_equal_the_sampled_
     assert rep.hidden.requires_grad and rep.weight is pol.lm.lm_head.weight
 
 
-def test_image_step_replay_log_prob_equals_rollout(folder):
+@pytest.mark.parametrize("refine", [False, True])
+def test_image_step_replay_log_prob_equals_rollout(folder, refine):
     pol = load(folder)
-    reqs = [GenRequest(p) for p in PROMPTS[:3]]
+    reqs, cfg = (refine_requests(pol, 3), REFINE) if refine else ([GenRequest(p) for p in PROMPTS[:3]], T2I)
     th = pol.sample_think(reqs, generator=gen(2), max_new_tokens=8)
-    cond = pol.image_condition(reqs, th.tokens, T2I)
+    cond = pol.image_condition(reqs, th.tokens, cfg)
     x0, recs = sample_flow(pol, cond, len(reqs), num_steps=6, window=range(0, 4), generator=gen(3))
     assert len(recs) == 4 and x0.shape == (3, *pol.latent_shape)
-    replay = pol.image_condition(reqs, th.tokens, T2I)       # rebuilt through the same path, as the trainer does
+    replay = pol.image_condition(reqs, th.tokens, cfg)       # rebuilt through the same path, as the trainer does
     for st in recs:
         v = pol.velocity(st.x, st.sigma, replay)
         mean, std = sde_mean_std(st.x, v, st.sigma, st.sigma_next, 0.7)
