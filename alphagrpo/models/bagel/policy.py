@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -63,6 +64,13 @@ SYSTEM_PROMPT = ("You should first think about the planning process in the mind 
 LORA_TARGETS = (r"model\.language_model\.model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj(?:_moe_gen)?"
                 r"|mlp(?:_moe_gen)?\.(?:gate|up|down)_proj)")
 WRAPPED = "_checkpoint_wrapped_module."
+ROOT_CALL = "alphagrpo_call"    # the root module's entry point for everything outside the decoder layers (FSDP2)
+
+
+def _root_call(module, fn):
+    """Installed on the BAGEL root as ``alphagrpo_call``: runs ``fn()``. Registered as an FSDP2 forward method, it
+    makes FSDP gather the root's parameters (embeddings, heads, ViT, final norms) around every such computation."""
+    return fn()
 
 
 @dataclass
@@ -123,6 +131,7 @@ class BagelPolicy(PolicyBase):
         self.latent_shape = (self.side * self.side, self.m.patch_latent_dim)
         self._system = tuple(self.tok.encode(SYSTEM_PROMPT, add_special_tokens=False))
         self._ckpt = False
+        setattr(bagel, ROOT_CALL, types.MethodType(_root_call, bagel))
         for mod in (self.m.vit_model, self.m.connector, self.m.vit_pos_embed, self.m.latent_pos_embed, self.vae):
             mod.requires_grad_(False)            # context-only modules never train
         self.set_gradient_checkpointing(gradient_checkpointing)
@@ -143,9 +152,18 @@ class BagelPolicy(PolicyBase):
         return [p for p in self.bagel.parameters() if p.requires_grad]
 
     def shard_modules(self) -> list:
-        """The decoder layers (FSDP2 units). Only they: the adapter calls the embeddings, heads, ViT and autoencoder
-        directly, which FSDP2 allows only for modules entered through their own ``forward`` (docs/bagel.md)."""
-        return list(self.lm.model.layers)
+        """FSDP2 units: the decoder layers (entered through their ``forward``), then the root, which holds every
+        trainable parameter and is entered through ``alphagrpo_call`` (``shard_forward_methods``). The autoencoder
+        stays outside (frozen, replicated)."""
+        return list(self.lm.model.layers) + [self.bagel]
+
+    def shard_forward_methods(self, module) -> tuple:
+        """The methods this adapter calls on a shard unit instead of ``forward``: the root's ``alphagrpo_call``."""
+        return (ROOT_CALL,) if module is self.bagel else ()
+
+    def _root(self, fn):
+        """Run ``fn()`` through the root's entry point (a plain call unless FSDP2 wraps it)."""
+        return getattr(self.bagel, ROOT_CALL)(fn)
 
     def _layers(self):
         return self.lm.model.layers
@@ -182,17 +200,20 @@ class BagelPolicy(PolicyBase):
         extra = {}
         if mode == "gen":
             extra = dict(packed_vae_token_indexes=vae_index.to(dev), packed_text_indexes=text_index.to(dev))
-        out = self.lm.forward_inference(
-            packed_query_sequence=embeds, query_lens=torch.tensor(q_lens, dtype=torch.int, device=dev),
-            packed_query_position_ids=positions.to(dev), packed_query_indexes=q_idx.to(dev), past_key_values=cache,
-            key_values_lens=torch.tensor(kv_lens, dtype=torch.int, device=dev),
-            packed_key_value_indexes=kv_idx.to(dev), update_past_key_values=update, is_causal=causal, mode=mode,
-            **extra)
+        def run():
+            out = self.lm.forward_inference(
+                packed_query_sequence=embeds, query_lens=torch.tensor(q_lens, dtype=torch.int, device=dev),
+                packed_query_position_ids=positions.to(dev), packed_query_indexes=q_idx.to(dev),
+                past_key_values=cache, key_values_lens=torch.tensor(kv_lens, dtype=torch.int, device=dev),
+                packed_key_value_indexes=kv_idx.to(dev), update_past_key_values=update, is_causal=causal, mode=mode,
+                **extra)
+            return out.packed_query_sequence, out.past_key_values
+        hidden, cache = self._root(run)
         if update:
             sizes = [kv + q for kv, q in zip(kv_lens, q_lens)]
             for layer in range(n_layers):
-                ks = out.past_key_values.key_cache[layer].split(sizes)
-                vs = out.past_key_values.value_cache[layer].split(sizes)
+                ks = cache.key_cache[layer].split(sizes)
+                vs = cache.value_cache[layer].split(sizes)
                 for s, k, v in zip(seqs, ks, vs):
                     if len(s.k) < n_layers:
                         s.k.append(k)
@@ -201,21 +222,23 @@ class BagelPolicy(PolicyBase):
                         s.k[layer], s.v[layer] = k, v
             for s, q in zip(seqs, q_lens):
                 s.length += q
-        return out.packed_query_sequence
+        return hidden
 
     def _embed_ids(self, ids) -> torch.Tensor:
-        return self.lm.model.embed_tokens(torch.as_tensor(ids, dtype=torch.long, device=self.device))
-
-    def _time_embed(self, t: torch.Tensor) -> torch.Tensor:
-        """BAGEL's timestep embedding of ``t [N]`` (sigma in [0, 1]) in the model dtype."""
-        from nemo_automodel.components.models.bagel.embeddings import _timestep_features
-        te = self.m.time_embedder
-        return te.mlp(_timestep_features(t.float(), te.frequency_embedding_size).to(self.dtype))
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self._root(lambda: self.lm.model.embed_tokens(ids))
 
     def _latent_embed(self, tokens: torch.Tensor, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """Latent tokens ``[N, d]`` (a whole number of ``rows x cols`` grids) at times ``t [N]`` -> ``[N, H]``."""
+        """Latent tokens ``[N, d]`` (a whole number of ``rows x cols`` grids) at times ``t [N]`` (sigma in [0, 1],
+        BAGEL's timestep embedding) -> ``[N, H]``."""
+        from nemo_automodel.components.models.bagel.embeddings import _timestep_features
         pos = P.grid_ids(rows, cols, self.m.max_latent_size).to(self.device).repeat(tokens.shape[0] // (rows * cols))
-        return self.m.vae2llm(tokens.to(self.dtype)) + self._time_embed(t) + self.m.latent_pos_embed(pos)
+        te, dt = self.m.time_embedder, self.dtype
+
+        def run():
+            temb = te.mlp(_timestep_features(t.float(), te.frequency_embedding_size).to(dt))
+            return self.m.vae2llm(tokens.to(dt)) + temb + self.m.latent_pos_embed(pos)
+        return self._root(run)
 
     # ------------------------------------------------------------------ contexts
     def _text(self, text: str) -> tuple:
@@ -328,9 +351,13 @@ class BagelPolicy(PolicyBase):
         pos = torch.cat([P.grid_ids(r, c, side) for r, c in grids]).to(self.device)
         lens = torch.tensor([t.shape[0] for t in parts], device=self.device)
         cu = F.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
-        h = self.m.vit_model(packed_pixel_values=torch.cat(parts).to(self.dtype), packed_flattened_position_ids=pos,
-                             cu_seqlens=cu, max_seqlen=int(lens.max()))
-        return self.m.connector(h) + self.m.vit_pos_embed(pos)
+        px, mx = torch.cat(parts).to(self.dtype), int(lens.max())
+
+        def run():
+            h = self.m.vit_model(packed_pixel_values=px, packed_flattened_position_ids=pos, cu_seqlens=cu,
+                                 max_seqlen=mx)
+            return self.m.connector(h) + self.m.vit_pos_embed(pos)
+        return self._root(run)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -347,7 +374,7 @@ class BagelPolicy(PolicyBase):
         lps = [[] for _ in range(B)]
         active = list(range(B))
         cur = torch.full((B,), self.special["bos"], dtype=torch.long)
-        head = self.lm.lm_head.weight.float().t()   # float32 logits as the AR loss computes them (one copy per call)
+        head = self._root(lambda: self.lm.lm_head.weight.float().t())   # float32 logits, as the AR loss computes
         for _ in range(max_new_tokens):
             run = [seqs[i] for i in active]
             pos = torch.tensor([s.rope for s in run])
@@ -398,7 +425,7 @@ class BagelPolicy(PolicyBase):
         h = self._forward(ctx, self._embed_ids(ids), lens, torch.cat(pos), mode="und", causal=True, update=False)
         cu = torch.tensor([0] + lens, dtype=torch.long).cumsum(0).to(self.device)
         targets = torch.cat([torch.as_tensor(t, dtype=torch.long) for t in think]).to(self.device)
-        return TextReplay(hidden=h, weight=self.lm.lm_head.weight, targets=targets, cu_seqlens=cu)
+        return TextReplay(hidden=h, weight=self._root(lambda: self.lm.lm_head.weight), targets=targets, cu_seqlens=cu)
 
     # ------------------------------------------------------------------ image
     @staticmethod
@@ -448,7 +475,7 @@ class BagelPolicy(PolicyBase):
         pos = torch.tensor([s.rope for s in seqs]).repeat_interleave(q)
         h = self._forward(seqs, embeds, [q] * (k * n), pos, mode="gen", causal=False, update=False,
                           vae_index=img_idx, text_index=text_idx, packed=cond.cache_for(use))
-        return self.m.llm2vae(h[img_idx]).float().reshape(k, n, T, -1)
+        return self._root(lambda: self.m.llm2vae(h[img_idx])).float().reshape(k, n, T, -1)
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(pixels.float())
