@@ -46,17 +46,17 @@ def _missing(module: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one command. Bad input (a wrong config value, a missing or incompatible checkpoint or data file) ends
-    with ``error: <what to change>`` on stderr and exit status 2 instead of a traceback; ``ALPHAGRPO_DEBUG=1``
-    re-raises for the traceback."""
+    """Run one command. Bad input (a wrong config value, a missing or incompatible checkpoint or data file, an
+    unwritable folder, a missing optional extra) ends with one line ``error: <what to change>`` on stderr and exit
+    status 2 instead of a traceback; ``ALPHAGRPO_DEBUG=1`` re-raises for the traceback."""
     import os
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError) as e:
         if os.environ.get("ALPHAGRPO_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -46,6 +46,29 @@ def brightness_world(n_train: int = 8, n_test: int = 8) -> World:
                  sample_target=lambda r, rng: ("plan : white", np.full((16, 16, 3), 230, np.uint8)), name="brightness")
 
 
+def brightness_world_loader(data_cfg) -> World:
+    """``data.world=alphagrpo.testing:brightness_world_loader``: the brightness world by name, for command-line
+    tests (``data.train_per_task`` training prompts). With ``ALPHAGRPO_TEST_FAIL_RANK=R`` its verifier raises on
+    rank R from the second scoring call on (to test how a run ends when one rank fails)."""
+    import os
+    world = brightness_world(n_train=max(2, data_cfg.train_per_task))
+    fail = os.environ.get("ALPHAGRPO_TEST_FAIL_RANK")
+    if fail is not None and os.environ.get("RANK", "0") == fail:
+        world.verifier = _FailingVerifier(world.verifier)
+    return world
+
+
+class _FailingVerifier:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def score(self, images, question_lists):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("synthetic verifier failure on this rank")
+        return self.inner.score(images, question_lists)
+
+
 def micro_policy(seed: int = 0, image_size: int = 16):
     """A micro TinyUMM (dim 32, 1 layer, 16x16 images) over ``WORDS`` with seeded random weights."""
     import torch

@@ -2,11 +2,14 @@
 # One prepared GPU check for an NVIDIA H100/H200 without internet, within 8 minutes:
 #   1. the CUDA tests (pytest -m cuda over tests/),
 #   2. the verifier benchmark (python -m bench.verifier, when bench/verifier.py exists),
-#   3. the kernel benchmarks (python -m bench.kernels, full shapes).
-# Everything goes to $OUT when set (else bench/results/gpu_check/); bench.kernels also writes
-# bench/results/kernels_cuda.json. Step timeouts (130 + 100 + 220 s) keep the whole run under 8 minutes; then, only
-# where nemo-automodel and peft import, the BAGEL cost check (bench.bagel_smoke --random 7b, 120 s more; SKIP_BAGEL=1
-# skips it).
+#   3. the kernel benchmarks (python -m bench.kernels, full shapes: AR trainable head GSPO and token, frozen head,
+#      log-probs only, the round-one tiled kernel, GSPO sequences longer than a chunk, the 2/3/4-GEMM ceilings,
+#      torch.compile and Liger-Kernel when installed; flow against eager, torch.compile and a copy).
+# Everything goes to $OUT when set (else bench/results/gpu_check/, which git does not ignore: commit it only on
+# purpose); bench.kernels writes $OUT_DIR/kernels_cuda.json. Step timeouts (90 + 100 + 280 s) keep the whole run
+# under 8 minutes; the kernel benchmark's own budget (235 s) skips what is left, in order of importance.
+# Then, only where nemo-automodel and peft import, the BAGEL cost check (bench.bagel_smoke --random 7b, 120 s more;
+# SKIP_BAGEL=1 skips it).
 # The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
 # Between 2 and 3, when the interpreter imports tensorrt_llm: the trtllm backend check (python -m bench.trtllm_check:
 #   agreement with hf, repeat from the KV cache, image hashing, throughput next to native; TRTLLM_MODEL=/ckpt to use
@@ -14,10 +17,13 @@
 #   the 8-minute budget above); when tensorrt_llm does not import it prints that it was skipped and costs nothing.
 #   SKIP_TRTLLM=1 skips it.
 # Usage: bash bench/gpu_check.sh        (PY=/path/to/python to pick the interpreter)
-#        SWEEP=1 SKIP_VERIFIER=1 bash bench/gpu_check.sh   (also time the AR kernel's tile candidates)
+#        AUTOTUNE=1 SKIP_VERIFIER=1 bash bench/gpu_check.sh   (also torch.compile max-autotune rows)
 #        DEMO_STEPS=80 DEMO_SET="optim.lr=3e-5" bash bench/gpu_check.sh   (4/4: after the kernels, `alphagrpo demo`
 #            on CUDA for that many GRPO steps with those overrides, under DEMO_TIMEOUT seconds (default 120),
 #            output in demo.txt; not part of the 8-minute budget above)
+#        TRAIN_STEP=1 bash bench/gpu_check.sh   (also, after the kernels, bench/train_step.py on one GPU: GRPO
+#            training-step throughput of a random-weight TinyUMM-style model, dim TS_DIM (1024) x TS_LAYERS (16),
+#            JSON in train_step.json, under 90 s; ONLY_TRAIN_STEP=1 runs it alone)
 #        ONLY_DEMO=1 DEMO_STEPS=250 DEMO_SET="lora.rank=8 lora.alpha=16 optim.lr=3e-4" DEMO_TIMEOUT=560 \
 #            bash bench/gpu_check.sh   (the demo alone, e.g. a long GPU run in one 10-minute call; exit status = its)
 set -u
@@ -65,9 +71,9 @@ RC_TESTS=0; RC_KERNELS=0
 if [ "${ONLY_DEMO:-0}" = 1 ] && [ -z "${DEMO_STEPS:-}" ]; then
   echo "ONLY_DEMO=1 needs DEMO_STEPS (and usually DEMO_SET, DEMO_TIMEOUT)"; exit 2
 fi
-if [ "${ONLY_DEMO:-0}" != 1 ]; then
-log "1/3 CUDA tests (timeout 130 s)"
-timeout 130 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -o addopts="" -rs > "$OUT_DIR/pytest_cuda.txt" 2>&1
+if [ "${ONLY_TRAIN_STEP:-0}" != 1 ] && [ "${ONLY_DEMO:-0}" != 1 ]; then
+log "1/3 CUDA tests (timeout 90 s)"
+timeout 90 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -o addopts="" -rs > "$OUT_DIR/pytest_cuda.txt" 2>&1
 RC_TESTS=$?
 tail -n 15 "$OUT_DIR/pytest_cuda.txt"
 
@@ -97,10 +103,10 @@ else
   log "trtllm check SKIPPED: tensorrt_llm does not import with $PY ($(tail -n 1 "$OUT_DIR/trtllm_import.txt"))"
 fi
 
-log "3/3 kernel benchmarks (timeout 220 s)"
-SWEEP_ARGS=()
-if [ "${SWEEP:-0}" = 1 ]; then SWEEP_ARGS=(--sweep-ar-tiles); fi   # tuning aid; set SKIP_VERIFIER=1 to make room
-timeout 220 "$PY" -m bench.kernels --time-budget 170 --out "$OUT_DIR/kernels.json" "${SWEEP_ARGS[@]}" \
+log "3/3 kernel benchmarks (timeout 280 s)"
+EXTRA_K=()
+if [ "${AUTOTUNE:-0}" = 1 ]; then EXTRA_K=(--autotune); fi   # max-autotune rows: minutes; set SKIP_VERIFIER=1
+timeout 280 "$PY" -m bench.kernels --time-budget 235 --out "$OUT_DIR" "${EXTRA_K[@]}" \
   > "$OUT_DIR/kernels.txt" 2> "$OUT_DIR/kernels.stderr.txt"
 RC_KERNELS=$?
 
@@ -125,6 +131,15 @@ else
   echo "no kernel table: see $OUT_DIR/kernels.stderr.txt"
 fi
 fi   # ONLY_DEMO
+if [ "${TRAIN_STEP:-0}" = 1 ] || [ "${ONLY_TRAIN_STEP:-0}" = 1 ]; then
+  log "training-step throughput, one GPU (timeout 90 s)"
+  timeout 90 "$PY" -m bench.train_step --dim "${TS_DIM:-1024}" --layers "${TS_LAYERS:-16}" --steps 5 \
+    --out "$OUT_DIR/train_step.json" > "$OUT_DIR/train_step.txt" 2>&1
+  RC_TRAIN_STEP=$?
+  log "train_step rc=$RC_TRAIN_STEP"
+  tail -n 8 "$OUT_DIR/train_step.txt"
+  [ "${ONLY_TRAIN_STEP:-0}" = 1 ] && exit "$RC_TRAIN_STEP"
+fi
 if [ -n "${DEMO_STEPS:-}" ]; then
   log "4/4 GRPO demo on CUDA: $DEMO_STEPS steps, overrides '${DEMO_SET:-}' (timeout ${DEMO_TIMEOUT:-120} s)"
   DEMO_ARGS=(demo --steps "$DEMO_STEPS" --out "${TMPDIR:-/tmp}/alphagrpo_demo" --set device=cuda)

@@ -4,7 +4,8 @@ Imports torch, and triton when installed (the Triton kernels themselves are buil
 top-level ``kernels/`` folder as ``alphagrpo.kernels``.
 
 - ``flow_grpo_loss`` / ``flow_grpo_loss_ref``: image GRPO loss of one SDE step (RECIPE.md sections 2 and 6).
-- ``ar_grpo_loss`` / ``ar_grpo_loss_ref``: text GRPO loss from hidden states and the LM head (RECIPE.md section 6).
+- ``ar_grpo_loss`` / ``ar_grpo_loss_ref``: text GRPO loss from hidden states and the LM head (RECIPE.md section 6);
+  ``ar_grpo_tiled.py`` keeps the round-one kernel as ``impl="tiled"``. Design and targets: docs/kernels.md.
 - ``use_fused``: the switch (also ``ALPHAGRPO_KERNELS=auto|triton|ref``); see ``kernels/dispatch.py``.
 - ``sde_coefficients``, ``sde_mean_std``: the one float32 SDE-step formula.
 """

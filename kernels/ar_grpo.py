@@ -1,4 +1,4 @@
-"""Text GRPO loss from final hidden states (RECIPE.md section 6): reference and fused linear-log-prob Triton kernel.
+"""Text GRPO loss from final hidden states (RECIPE.md section 6): reference and chunked fused kernel.
 
 Math. ``hidden [N, H]`` predicts ``tokens [N]`` (already shifted; ``< 0`` is padding) through the LM head
 ``weight [V, H]``; packed sequences are delimited by ``cu_seqlens [S+1]``:
@@ -12,36 +12,55 @@ Math. ``hidden [N, H]`` predicts ``tokens [N]`` (already shifted; ``< 0`` is pad
               times beta.
 Padding is masked with ``torch.where`` BEFORE any exp or sum (``inf * 0 = NaN``). A sequence without valid tokens is
 left out of the mean over sequences; with none at all the loss is a zero that still backpropagates.
+The loss is a scalar, so ``dL/dlogp_t = g_t`` does not depend on the incoming gradient (``_surrogate_grad`` gives it in
+closed form: token level ``g_t = -w_t A_s r_t [unclipped <= clipped] [|lr_t| <= 20]``, GSPO the same with the
+sequence's ratio, ``w_t = 1 / (n_s * #valid sequences)``; k3 adds ``-beta w_t (exp(d_t) - 1) [|d_t| <= 20]``).
 
-Split of the work. The O(N) surrogate above is plain torch, shared by the reference and the fused path
-(``_surrogate``), and autograd gives ``dL/dlogp [N]``. The O(N*V*H) part, ``logp`` and its backward, is the kernel:
-    forward  (1 GEMM): tiles of ``hidden @ weight^T`` over V with an online log-sum-exp in float32 (running max starts
-             at -inf; a split-V grid, partial (max, sum, target logit) per split combined in torch); saves ``lse [N]``.
-             The ``[N, V]`` logits never exist.
-    backward (3 GEMMs): a Triton kernel recomputes logits tile by tile and writes
-             ``dlogits = g_t (onehot_t - softmax_t) / T`` into a bounded workspace (default 1 GiB, argument
-             ``workspace_bytes``), block by block over (vocab slice x row chunk); cuBLAS then computes
-             ``grad_hidden += dlogits @ weight[slice]`` (float32 accumulator over slices) and
-             ``grad_weight[slice] = dlogits^T @ hidden`` (float32 accumulation; a float32 slice accumulator when rows
-             are chunked). Gradients that are not needed (frozen LM head under LoRA) are skipped: 2 GEMMs then.
-    No atomics: results are deterministic run to run for a fixed configuration.
-Bytes/FLOPs: 4 GEMM-sized passes of ``2 N H V`` FLOPs (3 with a frozen head); extra memory = workspace + float32
-``[N, H]`` (+ a float32 ``[slice, H]`` block when rows must be chunked) + ``12 S N`` bytes of split-V partials,
-independent of ``N * V``. The eager reference materialises float32 ``[N, V]`` logits, their softmax and their gradient
-(~3 x 4 N V bytes: 30 GB at N = 16384, V = 152064).
-Expected: fwd+bwd about 4/3 of three plain bf16 GEMMs of the same shape if the Triton tiles run near cuBLAS speed
-(target 1.35x; measured by ``bench/gpu_check.sh``, not in CI). Tile sizes: ``_tiles`` (override with
-``ALPHAGRPO_AR_TILES="BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages"`` when tuning).
-Tested: CPU under ``TRITON_INTERPRET=1`` for float32, bfloat16, float16; CUDA variants are marked ``cuda``.
-Limits: ``hidden`` and ``weight`` share one dtype (cast the head: ``weight.to(hidden.dtype)``); float16 gradients are
-computed with a global rescaling of ``dL/dlogp`` so that small ``dlogits`` do not underflow; ``cu_seqlens`` values are
-read on the host (one small sync); no gradient to ``logp_old``, ``logp_ref``, ``advantages``.
+Fused path (default, ``impl="chunked"``): gradients are computed in the FORWARD, the backward only scales them by the
+incoming gradient (one elementwise pass). Per row chunk of ``R`` rows (a bounded float32 ``[R, V]`` workspace):
+    1. ``logits = hidden[chunk] @ weight^T`` by cuBLAS into float32 (``out_dtype``);
+    2. a row-wise Triton kernel: online log-sum-exp over V (running max from -inf) and the target logit -> ``lse``,
+       ``logp`` of the chunk;
+    3. the chunk's ``g_t`` (plain torch, O(R));
+    4. a row-wise Triton kernel writes ``dlogits = g_t (onehot - softmax) / T`` IN PLACE over the float32 logits (as
+       bf16 into the first half of each row's bytes for bf16 inputs: every row only overwrites bytes it has read);
+    5. cuBLAS: ``grad_hidden[chunk] = dlogits @ weight`` and ``grad_weight (+)= dlogits^T @ hidden[chunk]``
+       (float32 accumulator ``[V, H]`` when there is more than one chunk).
+Which rows may share a chunk: token level, any. GSPO: ``g_t`` needs the whole sequence's mean log-ratio, so a chunk
+holds whole sequences, planned on the host from a host copy of ``cu_seqlens`` (``cu_seqlens`` itself when it is a CPU
+tensor, or the ``cu_seqlens_host`` argument). A sequence longer than a chunk takes one extra pass: steps 1-2 over all
+its sub-chunks first (``lse`` kept), then ``g``, then steps 1, 4, 5 again, last sub-chunk first (its logits are
+still in the workspace: ``k - 1`` extra logits GEMMs for ``k`` sub-chunks). Without a host copy (``cu_seqlens`` on
+the GPU and no ``cu_seqlens_host``) GSPO plans all rows as one such group: no host sync, but the extra logits GEMMs
+whenever ``N > R``. Under torch.compile the plan is part of the graph (a list of ints): a new plan recompiles, so
+leave ``cu_seqlens_host`` out there unless the batch layout is fixed.
+Frozen head (``weight.requires_grad`` False, LoRA): step 5 is only the ``grad_hidden`` GEMM, so two GEMM passes. No
+grad needed (``torch.is_grad_enabled()`` False, or neither input requires grad: old/reference log-probs): steps 1-2
+only, one pass.
+Bytes/FLOPs: ``2 N H V`` FLOPs per GEMM pass: 3 passes (trainable head), 2 (frozen), 1 (no grad), + (k - 1) / k of a
+logits pass for GSPO sequences of k > 1 chunks; plus two row-wise passes over the float32 chunk (read; read + write).
+Extra memory: the workspace ``R V 4`` bytes (``workspace_bytes``, default 1 GiB, or ``chunk_rows``) + a float32
+``[V, H]`` gradient accumulator (trainable head, more than one chunk) + the gradients themselves, kept from forward to
+backward (the eager reference materialises ~3 x 4 N V bytes: 30 GB at N = 16384, V = 152064).
+Host syncs: none after validation (and one probe per device and process, at first use, of whether cuBLAS writes
+float32 from 16-bit inputs). Value checks that need the device (``cu_seqlens`` monotone and ending at N, token ids < V,
+``cu_seqlens_host`` equal to ``cu_seqlens``) run when the tensors are on the CPU (free) or when asked:
+``validate=True`` or ``ALPHAGRPO_VALIDATE=1``.
+Expected: <= 1.2x the 3-GEMM ceiling (trainable) / 2-GEMM ceiling (frozen) at N = 16384, H = 3584, V = 152064 bf16;
+NOT YET MEASURED on a GPU (``bench/gpu_check.sh``; docs/kernels.md holds the targets).
+Fallback: ``impl="tiled"`` (or ``ALPHAGRPO_AR_IMPL=tiled``) selects the round-one kernel (``kernels/ar_grpo_tiled.py``:
+logits as Triton tiles, backward recomputes them: 4 passes). Whether it still wins anywhere awaits a GPU run; the
+chunked path is the default until then.
+Tested: CPU under ``TRITON_INTERPRET=1`` for float32, bfloat16, float16 against float64; CUDA variants marked ``cuda``.
+Limits: ``hidden`` and ``weight`` share one dtype (cast the head: ``weight.to(hidden.dtype)``); float16 inputs keep
+``dlogits`` in float32 and run the gradient GEMMs in float32 (correct, slow: bf16 is the fast dtype); no gradient to
+``logp_old``, ``logp_ref``, ``advantages``; the gradients of the trainable path live from the forward to the backward.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -51,16 +70,29 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["ar_grpo_loss", "ar_grpo_loss_ref", "DEFAULT_WORKSPACE_BYTES"]
+__all__ = ["ar_grpo_loss", "ar_grpo_loss_ref", "DEFAULT_WORKSPACE_BYTES", "IMPL_ENV_VAR", "VALIDATE_ENV_VAR"]
 
 LOG_RATIO_CLAMP = 20.0
 DEFAULT_WORKSPACE_BYTES = 1 << 30
+IMPL_ENV_VAR = "ALPHAGRPO_AR_IMPL"          # chunked (default) | tiled
+VALIDATE_ENV_VAR = "ALPHAGRPO_VALIDATE"     # 1: value checks that read accelerator tensors on the host (a sync)
 _LEVELS = ("sequence", "token")
+_IMPLS = ("chunked", "tiled")
+_METRICS = ("clip_frac", "ratio_mean", "ratio_min", "ratio_max", "kl")
+
+
+def _validate_requested(validate: Optional[bool]) -> bool:
+    if validate is not None:
+        return bool(validate)
+    return os.environ.get(VALIDATE_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _check(hidden, weight, tokens, logp_old, advantages, cu_seqlens, level, clip_low, clip_high, temperature,
-           logp_ref, beta) -> torch.Tensor:
-    """Validation shared by both paths; returns the per-sequence lengths ``[S]`` (int64, on hidden's device)."""
+           logp_ref, beta, validate: Optional[bool] = None) -> torch.Tensor:
+    """Validation shared by both paths; returns the per-sequence lengths ``[S]`` (int64, on hidden's device).
+
+    Shape/dtype/device checks are free. Value checks read tensors on the host: they run for CPU tensors, and for
+    accelerator tensors only when ``validate`` (or ``ALPHAGRPO_VALIDATE=1``) asks, since they cost a device sync."""
     if not isinstance(hidden, torch.Tensor) or hidden.ndim != 2 or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a float [N, H] tensor, got {getattr(hidden, 'shape', type(hidden))}")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[1]:
@@ -92,20 +124,33 @@ def _check(hidden, weight, tokens, logp_old, advantages, cu_seqlens, level, clip
                                                                                   else ())}
     if len(devs) != 1:
         raise ValueError(f"hidden, weight, tokens, logp_old, advantages, logp_ref must share a device: {devs}")
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=hidden.device, dtype=torch.int64)
-    if not torch.compiler.is_compiling():  # value checks read the host (one small sync); skipped inside torch.compile
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, end at N={n} and never decrease, got {cu[:8]}"
-                             f"{'...' if len(cu) > 8 else ''}")
-        if n and int(tokens.max()) >= v:
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if not torch.compiler.is_compiling():         # value checks read the host; never inside torch.compile
+        force = _validate_requested(validate)
+        if force or cu_seqlens.device.type == "cpu":
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must start at 0, end at N={n} and never decrease, got {cu[:8]}"
+                                 f"{'...' if len(cu) > 8 else ''}")
+        if n and (force or tokens.device.type == "cpu") and int(tokens.max()) >= v:
             raise ValueError(f"token id {int(tokens.max())} is out of range for a vocabulary of V={v}")
-    return lengths
+    if lengths.device != hidden.device:          # a host copy from pinned memory does not wait for the device
+        if hidden.device.type == "cuda" and not torch.compiler.is_compiling():
+            lengths = lengths.pin_memory()
+        lengths = lengths.to(hidden.device, non_blocking=True)
+    return lengths.to(torch.int64)
 
 
 def _seg_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums ``[S]`` of ``values [N]`` (deterministic; infinities stay in their own sequence)."""
-    return torch.segment_reduce(values, "sum", lengths=lengths, initial=0.0)
+    """Per-sequence sums ``[S]`` of ``values [N]`` (deterministic; infinities stay in their own sequence).
+    ``unsafe=True``: ``lengths`` are trusted (no host-side check, so no device sync)."""
+    return torch.segment_reduce(values, "sum", lengths=lengths, initial=0.0, unsafe=True)
+def _extreme(x: torch.Tensor, which: str) -> torch.Tensor:
+    """``x.min()`` / ``x.max()`` that also takes an empty ``x`` (no tokens or no sequences: a placeholder the caller
+    replaces); the emptiness is a shape, known on the host."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    return x.min() if which == "min" else x.max()
 
 
 def _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta):
@@ -148,8 +193,8 @@ def _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, cli
             "logp": torch.where(valid, logp.detach(), 0.0),
             "clip_frac": (live & (clipped < unclipped)).to(cdt).sum() / count,
             "ratio_mean": torch.where(any_live, torch.where(live, r, 0.0).sum() / count, 1.0),
-            "ratio_min": torch.where(any_live, torch.where(live, r, float("inf")).min(), 1.0),
-            "ratio_max": torch.where(any_live, torch.where(live, r, float("-inf")).max(), 1.0),
+            "ratio_min": torch.where(any_live, _extreme(torch.where(live, r, float("inf")), "min"), 1.0),
+            "ratio_max": torch.where(any_live, _extreme(torch.where(live, r, float("-inf")), "max"), 1.0),
             "kl": kl.detach(),
         }
     return loss, metrics
@@ -160,6 +205,7 @@ def ar_grpo_loss_ref(
     advantages: torch.Tensor, cu_seqlens: torch.Tensor,
     *, level: str = "sequence", clip_low: float = 0.2, clip_high: float = 0.28, temperature: float = 1.0,
     logp_ref: Optional[torch.Tensor] = None, beta: float = 0.0, upcast: bool = True,
+    validate: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Text GRPO loss (RECIPE.md section 6) in plain PyTorch, materialising the ``[N, V]`` logits.
 
@@ -176,13 +222,16 @@ def ar_grpo_loss_ref(
         logp_ref: optional ``[N]`` reference-policy log-probs for the k3 KL; beta: its weight (0 = off).
         upcast: compute the logits in float32 (default; float64 inputs stay float64). ``False`` multiplies in the input
             dtype, which is plain PyTorch's error baseline for the kernel tests.
+        validate: run the value checks that read accelerator tensors on the host (a device sync): ``cu_seqlens``
+            starts at 0, ends at N, never decreases; token ids < V. Default ``ALPHAGRPO_VALIDATE`` (off); CPU tensors
+            are always checked (free).
     Returns:
         ``(loss, metrics)``: ``loss`` 0-dim with grad; ``metrics`` detached: ``logp [N]`` (0 at padding), 0-dim
         ``clip_frac``, ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over valid tokens for ``level="token"``, over
         valid sequences for ``"sequence"``; 1.0 when there are none) and ``kl`` (0 without ``logp_ref``).
     """
     lengths = _check(hidden, weight, tokens, logp_old, advantages, cu_seqlens, level, clip_low, clip_high,
-                     temperature, logp_ref, beta)
+                     temperature, logp_ref, beta, validate)
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if upcast:
         logits = hidden.to(cdt) @ weight.to(cdt).t()                                         # [N, V]
@@ -195,133 +244,93 @@ def ar_grpo_loss_ref(
     return _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
 
 
+
+
+def _surrogate_grad(logp, valid, logp_old, adv_t, w_t, level, clip_low, clip_high, logp_ref, beta,
+                    seq_lengths=None, seq_adv=None, seq_inv_n=None) -> torch.Tensor:
+    """``dL/dlogp`` ``[R]`` (float32) of ``_surrogate``'s loss for the rows of whole sequences, in closed form.
+
+    ``w_t = [valid] / (n_s * #valid sequences)`` (the weight of token t in the loss's means), ``adv_t`` the advantage
+    of its sequence. Token level needs only per-row inputs; GSPO (``level="sequence"``) also the rows' sequences
+    (``seq_lengths``, ``seq_adv``, ``seq_inv_n``, covering the rows exactly). Ties follow autograd: ``minimum`` splits
+    the gradient of equal branches and ``clamp`` passes it at its bounds, so inside the clip range it is ``A r``.
+    """
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    lr = torch.where(valid, logp - logp_old.to(logp.dtype), 0.0)                         # masked before exp
+    if level == "token":
+        ratio = torch.exp(lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        live = (ratio * adv_t <= ratio.clamp(lo, hi) * adv_t) & (lr.abs() <= LOG_RATIO_CLAMP)
+        g = torch.where(live, -adv_t * ratio, 0.0) * w_t
+    else:
+        mean_lr = _seg_sum(lr, seq_lengths) * seq_inv_n                                   # [S']
+        ratio = torch.exp(mean_lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        live = (ratio * seq_adv <= ratio.clamp(lo, hi) * seq_adv) & (mean_lr.abs() <= LOG_RATIO_CLAMP)
+        c = torch.where(live, -seq_adv * ratio, 0.0)
+        g = torch.repeat_interleave(c, seq_lengths, output_size=logp.shape[0]) * w_t
+    if logp_ref is not None and beta != 0.0:
+        d = torch.where(valid, logp_ref.to(logp.dtype) - logp, 0.0)
+        inside = d.abs() <= LOG_RATIO_CLAMP
+        g = g - beta * w_t * torch.where(inside, torch.exp(d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - 1.0, 0.0)
+    return g
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton kernels. Plain functions here; ``triton.jit`` is applied on first use (``_kernels``) so that
-# ``TRITON_INTERPRET`` is read when a kernel is first needed. Both kernels compute logit tiles
-# ``hidden[rows] @ weight[cols]^T`` with float32 accumulation over H in BLOCK_K steps.
+# Triton kernels: row-wise over a float32 logits chunk ``[R, V]`` (row stride ``V``), one program per row, tiles of
+# BLOCK_V columns. Plain functions here; ``triton.jit`` is applied on first use (``_kernels``), so that
+# ``TRITON_INTERPRET`` is read when a kernel is first needed.
 
 
-def _ar_lse_kernel(h_ptr, w_ptr, tok_ptr, m_ptr, s_ptr, t_ptr, N, V, H, cols_per_split, n_splits,
-                   stride_h, stride_w,
-                   INV_T: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # programs: split fastest, so the programs running together share few hidden blocks (L2 reuse)
-    pid = tl.program_id(0)
-    split = pid % n_splits
-    rows = (pid // n_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    tok = tl.load(tok_ptr + rows, mask=row_ok, other=-1)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)                 # running max starts at -inf
-    s = tl.zeros([BLOCK_N], tl.float32)
-    tgt = tl.zeros([BLOCK_N], tl.float32)
-    v_lo = split * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, V)
-    for v0 in range(v_lo, v_hi, BLOCK_V):                             # every tile has >= 1 valid column
+def _ar_lse_rows_kernel(logits_ptr, tok_ptr, lse_ptr, logp_ptr, V, stride,
+                        INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    # lse_r = logsumexp_c(logits[r, c] / T); logp_r = logits[r, tok_r] / T - lse_r (0 at padding)
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    m = tl.full([], float("-inf"), tl.float32)                         # running max starts at -inf
+    s = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):                                    # every tile has >= 1 valid column
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_hi
-        w_cols = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_cols + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        logits = tl.where(col_ok[None, :], acc * INV_T, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")) * INV_T
+        m_new = tl.maximum(m, tl.max(x, axis=0))                       # finite from the first tile on
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # masked columns: exp(-inf) = 0
         m = m_new
-        tgt += tl.sum(tl.where(cols[None, :] == tok[:, None], logits, 0.0), axis=1)
-    out = split * N + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(t_ptr + out, tgt, mask=row_ok)
+    lse = m + tl.log(s)
+    tok = tl.load(tok_ptr + row)
+    tgt = tl.load(base + tl.minimum(tl.maximum(tok, 0), V - 1)) * INV_T   # never out of the row (ids >= V: garbage)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(tok >= 0, tgt - lse, 0.0))
 
 
-def _ar_dlogits_kernel(h_ptr, w_ptr, tok_ptr, lse_ptr, g_ptr, scale_ptr, dl_ptr, n_rows, n_cols, H, col0,
-                       stride_h, stride_w,
-                       INV_T: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                       HAS_SCALE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    # dl[r, c] = g_r / T * (1[tok_r == col0 + c] - exp(logit_rc - lse_r)) for a block of n_rows x n_cols; rows and
-    # weight rows are pre-offset by the launcher; the output block is contiguous with row stride n_cols.
-    pid = tl.program_id(0)
-    n_pid_n = tl.cdiv(n_rows, BLOCK_N)
-    n_pid_v = tl.cdiv(n_cols, BLOCK_V)
-    per_group = GROUP * n_pid_v                                        # GROUP row blocks sweep the columns together
-    first = (pid // per_group) * GROUP
-    size = tl.minimum(n_pid_n - first, GROUP)
-    pid_n = first + (pid % per_group) % size
-    pid_v = (pid % per_group) // size
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
-    w_cols = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_cols + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    tok = tl.load(tok_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.where(tok >= 0, g, 0.0) * INV_T                             # padding rows get exactly 0
-    if HAS_SCALE:
-        g = g / tl.load(scale_ptr)
-    p = tl.exp(tl.where(col_ok[None, :], acc * INV_T - lse[:, None], float("-inf")))   # 0 past the vocabulary
-    onehot = (col0 + cols)[None, :] == tok[:, None]
-    dl = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
-    out = dl_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(out, dl.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+def _ar_dlogits_rows_kernel(logits_ptr, out_ptr, tok_ptr, lse_ptr, g_ptr, V, stride, out_stride,
+                            INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    # out[r, c] = g_r / T * (1[c == tok_r] - exp(logits[r, c] / T - lse_r)), written over the row's own bytes: with a
+    # 16-bit out dtype, tile j lands in bytes the program read at tiles <= j, never in bytes of later tiles. Other
+    # warps of the program may still be reading tile j (or, with j = 0, the same bytes), hence the barrier between
+    # each tile's loads and its stores.
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    obase = out_ptr + row.to(tl.int64) * out_stride
+    tok = tl.load(tok_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g = tl.where(tok >= 0, tl.load(g_ptr + row), 0.0) * INV_T          # padding rows get exactly 0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < V
+        x = tl.load(base + cols, mask=ok, other=float("-inf")) * INV_T
+        p = tl.exp(x - lse)
+        dl = g * (tl.where(cols == tok, 1.0, 0.0) - p)
+        tl.debug_barrier()                                             # every warp has read the tile
+        tl.store(obase + cols, dl.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     """The jitted kernels, built once per mode (``interpret`` keys the cache: the flag is read by ``triton.jit``)."""
     del interpret
-    return triton.jit(_ar_lse_kernel), triton.jit(_ar_dlogits_kernel)
+    return triton.jit(_ar_lse_rows_kernel), triton.jit(_ar_dlogits_rows_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Launchers.
-
-
-def _tiles(device: torch.device, dtype: torch.dtype, n: int, v: int) -> Tuple[int, int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages)``: fixed per device, dtype (and, in the interpreter, size
-    class), so results are deterministic."""
-    env = os.environ.get("ALPHAGRPO_AR_TILES")
-    if env:
-        vals = tuple(int(t) for t in env.split(","))
-        if len(vals) != 5:
-            raise ValueError(f"ALPHAGRPO_AR_TILES={env!r}: give BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages")
-        return vals  # type: ignore[return-value]
-    if device.type != "cuda":            # the interpreter pays per tile: small tiles only for tiny (test) shapes
-        return (16, 32, 32, 4, 1) if n * v <= 1 << 16 else (64, 128, 64, 4, 1)
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
-
-
-def _dot_mode(dtype: torch.dtype) -> Dict[str, object]:
-    """``tl.dot`` settings: exact fp32 products for float32 inputs; bf16 tiles go through float32 in the interpreter.
-
-    Triton 3.x's CPU interpreter multiplies bfloat16 tiles wrongly (raw bits), so under ``TRITON_INTERPRET`` the
-    tiles are upcast first: bf16 x bf16 products are exact in float32 and the GPU accumulates in float32 too, so the
-    interpreted numbers are the GPU's up to summation order.
-    """
-    f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpret())
-    return {"PRECISION": "ieee" if f32 else "tf32", "DOT_F32": f32 and dtype != torch.float32}
 
 
 def _interpret() -> bool:
@@ -329,36 +338,11 @@ def _interpret() -> bool:
     return triton_interpret()
 
 
-def _ar_fwd(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(logp [N], lse [N])``, float32, without materialising the logits."""
-    n, h = hidden.shape
-    v = weight.shape[0]
-    dev = hidden.device
-    if n == 0:
-        e = torch.zeros(0, dtype=torch.float32, device=dev)
-        return e, e.clone()
-    k_lse, _ = _kernels(_interpret())
-    bn, bv, bk, warps, stages = _tiles(dev, hidden.dtype, n, v)
-    v_tiles = triton.cdiv(v, bv)
-    row_blocks = triton.cdiv(n, bn)
-    if dev.type == "cuda":
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        want = max(16, triton.cdiv(2 * sms, row_blocks))
-    else:
-        want = 2
-    cols_per_split = triton.cdiv(v_tiles, min(want, v_tiles, 64)) * bv
-    splits = triton.cdiv(v, cols_per_split)                          # no empty split
-    part = torch.empty((3, splits, n), dtype=torch.float32, device=dev)
-    k_lse[(splits * row_blocks,)](hidden, weight, tokens, part[0], part[1], part[2], n, v, h, cols_per_split, splits,
-                                  hidden.stride(0), weight.stride(0),
-                                  INV_T=1.0 / temperature, **_dot_mode(hidden.dtype),
-                                  BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    m, s, t = part[0], part[1], part[2]
-    big = m.amax(dim=0)                                               # finite: every split has a column
-    lse = big + torch.log((s * torch.exp(m - big)).sum(dim=0))
-    logp = torch.where(tokens >= 0, t.sum(dim=0) - lse, 0.0)
-    return logp, lse
+def _block_v(v: int, device: torch.device) -> Tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` of the row-wise kernels (the interpreter pays per element of a tile)."""
+    cap = 4096 if device.type == "cuda" else 1024
+    bv = min(cap, triton.next_power_of_2(max(v, 16)))
+    return bv, (8 if bv >= 2048 else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,118 +360,278 @@ def _out_dtype_mm_ok(device: torch.device) -> bool:
 
 
 def _mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` into a float32 ``out`` with float32 accumulation, whatever the 16-bit input dtype."""
-    if a.dtype == torch.float32:
+    """``out (+)= a @ b`` into a float32 ``out`` with float32 accumulation, whatever the 16-bit input dtype.
+
+    CPU and torch without ``out_dtype`` multiply float32 copies (exact products, as cuBLAS's float32 accumulator)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
         torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
-    elif a.is_cuda and _out_dtype_mm_ok(a.device):
+    elif a.is_cuda and a.dtype == b.dtype and _out_dtype_mm_ok(a.device):
         if accumulate:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:
-        prod = torch.mm(a, b).float() if a.is_cuda else torch.mm(a.float(), b.float())
+        prod = torch.mm(a.float(), b.float())
         out.add_(prod) if accumulate else out.copy_(prod)
 
 
-def _blocking(n: int, v: int, bn: int, bv: int, elt: int, workspace_bytes: int, cuda: bool) -> Tuple[int, int]:
-    """``(rows per chunk, columns per slice)`` of the dlogits workspace: all rows at once when it fits."""
-    elems = max(workspace_bytes // elt, bn * bv)
-    v_pad = triton.cdiv(v, bv) * bv
-    min_cols = min(v_pad, bv * (32 if cuda else 1))                  # keep the cuBLAS GEMMs wide on GPU
-    cols = min(v_pad, max(min_cols, (elems // max(n, 1)) // bv * bv))
-    rows = min(n, max(bn, (elems // cols) // bn * bn))
-    return rows, cols
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """``out (+)= a @ b`` with float32 accumulation; ``out`` float32 or the inputs' dtype (rounded once)."""
+    if out.dtype == torch.float32:
+        _mm_f32(out, a, b, accumulate)
+    elif a.is_cuda and a.dtype == b.dtype == out.dtype and not accumulate:
+        torch.mm(a, b, out=out)                                        # cuBLAS accumulates in float32
+    else:
+        prod = torch.mm(a.float(), b.float())
+        out.add_(prod) if accumulate else out.copy_(prod)
 
 
-def _ar_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-            lse: torch.Tensor, temperature: float, need_gh: bool, need_gw: bool, workspace_bytes: int
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_hidden [N, H] or empty, grad_weight [V, H] or empty)`` from ``dL/dlogp [N]``."""
+def chunk_rows_for(n: int, v: int, workspace_bytes: int, device: torch.device) -> int:
+    """Rows per chunk: as many float32 ``[R, V]`` rows as ``workspace_bytes`` holds (multiples of 128 on GPU)."""
+    rows = max(1, workspace_bytes // (4 * max(v, 1)))
+    if device.type == "cuda" and rows >= 128:
+        rows = rows // 128 * 128
+    return max(1, min(rows, n))
+
+
+def plan_chunks(n: int, rows: int, level: str, cu_host: Optional[Sequence[int]], n_seqs: int) -> List[int]:
+    """The chunk plan as a flat list: per group ``[s0, s1, k, b_0, ..., b_k]`` (sequences ``s0:s1``, ``k`` sub-chunks
+    with row boundaries ``b``). A group with ``k == 1`` is one pass; ``k > 1`` takes the extra logits pass.
+
+    Token level: groups of ``rows`` rows (``s0 = s1 = 0``, unused). GSPO with a host copy of ``cu_seqlens``: whole
+    sequences packed greedily up to ``rows`` rows; a longer sequence is a group of its own with ``k > 1``. GSPO
+    without one: a single group over everything (one pass when ``N <= rows``)."""
+    out: List[int] = []
+    if n == 0:
+        return out
+    if level == "token":
+        for r0 in range(0, n, rows):
+            out += [0, 0, 1, r0, min(n, r0 + rows)]
+        return out
+    if cu_host is None:
+        bounds = list(range(0, n, rows)) + [n]
+        return [0, n_seqs, len(bounds) - 1] + bounds
+    cu = [int(c) for c in cu_host]
+    if len(cu) != n_seqs + 1 or cu[0] != 0 or cu[-1] != n or any(y < x for x, y in zip(cu, cu[1:])):
+        raise ValueError(f"the host copy of cu_seqlens must have S+1={n_seqs + 1} boundaries from 0 to N={n}, never "
+                         f"decreasing, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
+    start = 0                                        # the open group: sequences start..i-1, rows cu[start]..cu[i]
+    for i in range(n_seqs):
+        a, b = cu[i], cu[i + 1]
+        if b - a > rows:                             # a long sequence: close the open group, then one of its own
+            if a > cu[start]:
+                out += [start, i, 1, cu[start], a]
+            bounds = list(range(a, b, rows)) + [b]
+            out += [i, i + 1, len(bounds) - 1] + bounds
+            start = i + 1
+        elif b - cu[start] > rows:                   # does not fit: close the open group, open a new one
+            if a > cu[start]:
+                out += [start, i, 1, cu[start], a]
+            start = i
+    if start < n_seqs and cu[n_seqs] > cu[start]:    # (trailing empty sequences have no rows: no group)
+        out += [start, n_seqs, 1, cu[start], cu[n_seqs]]
+    return out
+
+
+def _logits_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight the logits GEMM multiplies: itself where cuBLAS writes float32 from 16-bit inputs, else a float32
+    copy made once per call (CPU / torch without ``out_dtype``: the logits are never rounded to 16 bits)."""
+    if weight.dtype == torch.float32 or (weight.is_cuda and _out_dtype_mm_ok(weight.device)):
+        return weight
+    return weight.float()
+
+
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """``out = hidden @ weight^T`` in float32 (``weight`` from ``_logits_weight``)."""
+    _mm_f32(out, hidden if weight.dtype == hidden.dtype else hidden.float(), weight.t(), accumulate=False)
+
+
+def _lse_rows(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor,
+              temperature: float) -> None:
+    k_lse, _ = _kernels(_interpret())
+    r, v = logits.shape
+    bv, warps = _block_v(v, logits.device)
+    k_lse[(r,)](logits, tokens, lse, logp, v, logits.stride(0), INV_T=1.0 / temperature, BLOCK_V=bv,
+                num_warps=warps)
+
+
+def _dlogits_rows(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                  temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """Overwrite the float32 ``logits [R, V]`` (contiguous) with ``dlogits``; returns them as a ``[R, V]`` view of
+    ``dtype`` (row stride ``2 V`` for 16-bit: the first half of each row's bytes)."""
+    _, k_dl = _kernels(_interpret())
+    r, v = logits.shape
+    out = logits if dtype == torch.float32 else logits.view(dtype)[:, :v]
+    bv, warps = _block_v(v, logits.device)
+    k_dl[(r,)](logits, out, tokens, lse, g, v, logits.stride(0), out.stride(0), INV_T=1.0 / temperature, BLOCK_V=bv,
+               num_warps=warps)
+    return out
+
+
+def _ar_logp(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float, rows: int
+             ) -> torch.Tensor:
+    """``logp [N]`` (float32, 0 at padding): per chunk one logits GEMM + the row-wise log-sum-exp kernel."""
+    n, v = hidden.shape[0], weight.shape[0]
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return logp
+    lse = torch.empty_like(logp)
+    buf = torch.empty(min(rows, n) * v, dtype=torch.float32, device=hidden.device)
+    w_l = _logits_weight(weight)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
+        _logits_into(logits, hidden[r0:r1], w_l)
+        _lse_rows(logits, tokens[r0:r1], lse[r0:r1], logp[r0:r1], temperature)
+    return logp
+
+
+def _ar_chunked(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, logp_old: torch.Tensor,
+                advantages: torch.Tensor, lengths: torch.Tensor, logp_ref: Optional[torch.Tensor], plan: List[int],
+                level: str, clip_low: float, clip_high: float, temperature: float, beta: float, rows: int,
+                need_gh: bool, need_gw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp [N], dL/dhidden [N, H] or [0], dL/dweight [V, H] or [0])`` by the plan (``plan_chunks``)."""
     n, h = hidden.shape
     v = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
-    if n == 0 or not (need_gh or need_gw):
-        return (torch.zeros((n, h) if need_gh else (0,), dtype=dt, device=dev),
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    if n == 0 or not plan:                                   # nothing to learn from: zero gradients
+        return (logp, torch.zeros((n, h) if need_gh else (0,), dtype=dt, device=dev),
                 torch.zeros((v, h) if need_gw else (0,), dtype=dt, device=dev))
-    gh = torch.empty((n, h) if need_gh else (0,), dtype=dt, device=dev)    # every element is written below
+    gh = torch.empty((n, h) if need_gh else (0,), dtype=dt, device=dev)   # the plan covers rows 0..N: all written
     gw = torch.empty((v, h) if need_gw else (0,), dtype=dt, device=dev)
-    _, k_dl = _kernels(_interpret())
-    bn, bv, bk, warps, stages = _tiles(dev, dt, n, v)
-    g = grad_logp.float().contiguous()
-    scaled = dt == torch.float16                                     # keep small dlogits out of fp16 underflow
-    scale = g.abs().amax().clamp(min=1e-30).reshape(1) if scaled else g[:1]
-    rows, cols = _blocking(n, v, bn, bv, hidden.element_size(), workspace_bytes, dev.type == "cuda")
-    ws = torch.empty(rows * cols, dtype=dt, device=dev)
-    gh32 = torch.zeros((n, h), dtype=torch.float32, device=dev) if need_gh else None
-    direct_gw = rows >= n and dev.type == "cuda" and not scaled      # one GEMM per slice, cuBLAS accumulates fp32
-    gw32 = None if (not need_gw or direct_gw) else torch.empty((cols, h), dtype=torch.float32, device=dev)
-    for c0 in range(0, v, cols):
-        nc = min(cols, v - c0)
-        w_slice = weight[c0:c0 + nc]
-        for r0 in range(0, n, rows):
-            nr = min(rows, n - r0)
-            dl = ws[:nr * nc].view(nr, nc)
-            grid = (triton.cdiv(nr, bn) * triton.cdiv(nc, bv),)
-            k_dl[grid](hidden[r0:], w_slice, tokens[r0:], lse[r0:], g[r0:], scale, dl, nr, nc, h, c0,
-                       hidden.stride(0), weight.stride(0),
-                       INV_T=1.0 / temperature, **_dot_mode(dt), HAS_SCALE=scaled,
-                       BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP=8, num_warps=warps, num_stages=stages)
-            if need_gh:
-                _mm_f32(gh32[r0:r0 + nr], dl, w_slice, accumulate=c0 > 0)
-            if need_gw:
-                if direct_gw:
-                    torch.mm(dl.t(), hidden[r0:r0 + nr], out=gw[c0:c0 + nc])
-                else:
-                    _mm_f32(gw32[:nc], dl.t(), hidden[r0:r0 + nr], accumulate=r0 > 0)
-        if need_gw and not direct_gw:
-            blk = gw32[:nc] * scale if scaled else gw32[:nc]
-            gw[c0:c0 + nc].copy_(blk)
-    if need_gh:
-        gh.copy_(gh32 * scale if scaled else gh32)
-    return gh, gw
+    lse = torch.empty_like(logp)
+    # per-token constants of the surrogate, on the device (no sync)
+    valid = tokens >= 0
+    s = lengths.numel()
+    seq = torch.repeat_interleave(torch.arange(s, device=dev), lengths, output_size=n)      # [N]
+    n_valid = _seg_sum(valid.float(), lengths)                                             # [S]
+    inv_n = 1.0 / n_valid.clamp(min=1.0)
+    denom = (n_valid > 0).sum().clamp(min=1).float()
+    adv = advantages.detach().float()
+    w_t = torch.where(valid, inv_n[seq] / denom, 0.0)                                       # [N]
+    adv_t = adv[seq]
+    old = logp_old.detach().float()
+    ref = logp_ref.detach().float() if logp_ref is not None else None
+    gdt = torch.float32 if dt in (torch.float32, torch.float16) else dt    # dlogits dtype (fp16: float32, no underflow)
+    w_g = weight if gdt == dt else weight.float()
+    w_l = _logits_weight(weight)
+    n_sub = 0
+    i = 0
+    while i < len(plan):
+        n_sub += plan[i + 2]
+        i += 3 + plan[i + 2] + 1
+    # float32 dL/dweight accumulator over chunks; the first chunk's GEMM writes it (no memset)
+    gw32 = torch.empty((v, h), dtype=torch.float32, device=dev) if need_gw and n_sub > 1 else None
+    buf = torch.empty(min(rows, n) * v, dtype=torch.float32, device=dev)
+
+    def grads(r0: int, r1: int, logits: torch.Tensor, g: torch.Tensor, first: bool) -> None:
+        dl = _dlogits_rows(logits, tokens[r0:r1], lse[r0:r1], g, temperature, gdt)
+        hid = hidden[r0:r1] if gdt == dt else hidden[r0:r1].float()
+        if need_gh:
+            _mm_into(gh[r0:r1], dl, w_g)
+        if need_gw:
+            if gw32 is None:
+                _mm_into(gw, dl.t(), hid)
+            else:
+                _mm_f32(gw32, dl.t(), hid, accumulate=not first)
+
+    def coef(r0: int, r1: int, s0: int, s1: int) -> torch.Tensor:
+        return _surrogate_grad(logp[r0:r1], valid[r0:r1], old[r0:r1], adv_t[r0:r1], w_t[r0:r1], level, clip_low,
+                               clip_high, None if ref is None else ref[r0:r1], beta, seq_lengths=lengths[s0:s1],
+                               seq_adv=adv[s0:s1], seq_inv_n=inv_n[s0:s1])
+
+    first = True
+    i = 0
+    while i < len(plan):
+        s0, s1, k = plan[i], plan[i + 1], plan[i + 2]
+        bounds = plan[i + 3:i + 4 + k]
+        i += 4 + k
+        subs = list(zip(bounds[:-1], bounds[1:]))
+        for r0, r1 in subs:                                  # pass 1 (kept for the gradient when k == 1)
+            logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
+            _logits_into(logits, hidden[r0:r1], w_l)
+            _lse_rows(logits, tokens[r0:r1], lse[r0:r1], logp[r0:r1], temperature)
+        if not (need_gh or need_gw):
+            continue
+        g = coef(bounds[0], bounds[-1], s0, s1)
+        for j, (r0, r1) in enumerate(reversed(subs)):         # the last sub-chunk's logits are still in the buffer
+            if j > 0:                                        # the extra pass: logits again (lse is kept)
+                logits = buf[:(r1 - r0) * v].view(r1 - r0, v)
+                _logits_into(logits, hidden[r0:r1], w_l)
+            grads(r0, r1, logits, g[r0 - bounds[0]:r1 - bounds[0]], first)
+            first = False
+    if gw32 is not None:
+        gw.copy_(gw32)
+    return logp, gh, gw
 
 
 def _register_ops():
-    """``alphagrpo::ar_logprob_fwd`` / ``ar_logprob_bwd`` custom ops, so torch.compile treats them as opaque calls."""
+    """``alphagrpo::ar_grpo_chunked`` / ``ar_logprob`` custom ops, so torch.compile treats them as opaque calls."""
     if not hasattr(torch, "library") or not hasattr(torch.library, "custom_op"):  # pragma: no cover - torch < 2.4
-        return _ar_fwd, _ar_bwd
-    fwd = torch.library.custom_op("alphagrpo::ar_logprob_fwd", mutates_args=())(_ar_fwd)
-    bwd = torch.library.custom_op("alphagrpo::ar_logprob_bwd", mutates_args=())(_ar_bwd)
+        return _ar_chunked, _ar_logp
+    chunked = torch.library.custom_op("alphagrpo::ar_grpo_chunked", mutates_args=())(_ar_chunked)
+    logp_op = torch.library.custom_op("alphagrpo::ar_logprob", mutates_args=())(_ar_logp)
 
-    @fwd.register_fake
-    def _(hidden, weight, tokens, temperature):
-        n = hidden.shape[0]
-        return hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n,), dtype=torch.float32)
-
-    @bwd.register_fake
-    def _(grad_logp, hidden, weight, tokens, lse, temperature, need_gh, need_gw, workspace_bytes):
-        return (hidden.new_empty(hidden.shape if need_gh else (0,)),
+    @chunked.register_fake
+    def _(hidden, weight, tokens, logp_old, advantages, lengths, logp_ref, plan, level, clip_low, clip_high,
+          temperature, beta, rows, need_gh, need_gw):
+        return (hidden.new_empty((hidden.shape[0],), dtype=torch.float32),
+                hidden.new_empty(hidden.shape if need_gh else (0,)),
                 weight.new_empty(weight.shape if need_gw else (0,)))
 
-    return fwd, bwd
+    @logp_op.register_fake
+    def _(hidden, weight, tokens, temperature, rows):
+        return hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
+
+    return chunked, logp_op
 
 
-_fwd_op, _bwd_op = _register_ops()
+_chunked_op, _logp_op = _register_ops()
 
 
-class LinearLogProbFunction(torch.autograd.Function):
-    """``logp = log_softmax(hidden @ weight^T / T)[tokens]`` (0 at padding) and its backward, fused; see the header."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, workspace_bytes):
-        fwd = _ar_fwd if direct_launch(hidden, weight, tokens) else _fwd_op
-        logp, lse = fwd(hidden, weight, tokens, temperature)
-        ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.temperature, ctx.workspace_bytes = temperature, workspace_bytes
-        return logp
+class ChunkedGRPOFunction(torch.autograd.Function):
+    """Loss and metrics in the forward, with ``dL/dhidden`` and ``dL/dweight`` computed there too (see the header);
+    the backward scales them in place by the incoming gradient (so it runs once: no ``retain_graph`` double use)."""
 
     @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, tokens, lse = ctx.saved_tensors
-        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        bwd = _ar_bwd if direct_launch(grad_logp, hidden, weight, tokens, lse) else _bwd_op
-        gh, gw = bwd(grad_logp, hidden, weight, tokens, lse, ctx.temperature, need_gh, need_gw, ctx.workspace_bytes)
-        return (gh if need_gh else None), (gw if need_gw else None), None, None, None
+    def forward(ctx, hidden, weight, tokens, logp_old, advantages, lengths, logp_ref, plan, level, clip_low,
+                clip_high, temperature, beta, rows, need_gh, need_gw):
+        direct = direct_launch(hidden, weight, tokens, logp_old, advantages, lengths, logp_ref)
+        fn = _ar_chunked if direct else _chunked_op
+        logp, gh, gw = fn(hidden, weight, tokens, logp_old, advantages, lengths, logp_ref, plan, level, clip_low,
+                          clip_high, temperature, beta, rows, need_gh, need_gw)
+        loss, m = _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
+        ctx.grads = (gh, gw)          # neither inputs nor outputs: kept on ctx, scaled in place by the backward
+        ctx.need = (need_gh, need_gw)
+        outs = (m["logp"],) + tuple(m[k] for k in _METRICS)
+        ctx.mark_non_differentiable(*outs)
+        return (loss,) + outs
+
+    @staticmethod
+    def backward(ctx, gloss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("ar_grpo_loss's fused backward runs once per forward (its gradients are computed in "
+                               "the forward and scaled in place): call the loss again instead of retain_graph=True")
+        (gh, gw), ctx.grads = ctx.grads, None
+        need_gh, need_gw = ctx.need
+        gloss = gloss.float()         # in place: no second copy of the [V, H] gradient at the peak
+        return ((gh.mul_(gloss) if need_gh else None), (gw.mul_(gloss) if need_gw else None)) + (None,) * 14
+
+
+def _host_cu(cu_seqlens: torch.Tensor, cu_seqlens_host) -> Optional[List[int]]:
+    """A host copy of the boundaries without a device sync, or None (see ``plan_chunks``)."""
+    if cu_seqlens_host is not None:
+        if isinstance(cu_seqlens_host, torch.Tensor):
+            if cu_seqlens_host.device.type != "cpu":
+                raise ValueError("cu_seqlens_host must be on the host: a list, tuple or CPU tensor")
+            if torch.compiler.is_compiling():
+                return None
+            return cu_seqlens_host.tolist()
+        return [int(c) for c in cu_seqlens_host]
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        return cu_seqlens.tolist()
+    return None
 
 
 def ar_grpo_loss(
@@ -495,22 +639,55 @@ def ar_grpo_loss(
     advantages: torch.Tensor, cu_seqlens: torch.Tensor,
     *, level: str = "sequence", clip_low: float = 0.2, clip_high: float = 0.28, temperature: float = 1.0,
     logp_ref: Optional[torch.Tensor] = None, beta: float = 0.0, workspace_bytes: Optional[int] = None,
+    chunk_rows: Optional[int] = None, cu_seqlens_host: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    impl: Optional[str] = None, validate: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Text GRPO loss: same arguments and results as :func:`ar_grpo_loss_ref`, fused where the dispatch says so.
 
     ``alphagrpo.kernels.dispatch`` decides (CUDA -> Triton; CPU -> reference unless ``TRITON_INTERPRET=1``;
-    ``use_fused`` / ``ALPHAGRPO_KERNELS`` force either). ``workspace_bytes`` (fused path only, default 1 GiB) bounds
-    the backward's dlogits buffer; float64 inputs always take the reference.
+    ``use_fused`` / ``ALPHAGRPO_KERNELS`` force either); float64 inputs always take the reference. Fused-path options:
+        workspace_bytes: bound of the float32 logits chunk (default 1 GiB); ``chunk_rows`` sets its rows directly.
+        cu_seqlens_host: a host copy of ``cu_seqlens`` (list, tuple or CPU tensor) for the GSPO chunk plan when
+            ``cu_seqlens`` lives on the GPU; without one, GSPO with ``N > chunk rows`` recomputes the logits of all
+            but one chunk (rather than syncing to read the boundaries). Must equal ``cu_seqlens`` (checked only with
+            ``validate``).
+        impl: ``"chunked"`` (default) or ``"tiled"`` (the round-one kernel); default ``ALPHAGRPO_AR_IMPL``.
+        validate: see :func:`ar_grpo_loss_ref` (value checks with a device sync, opt-in; ``ALPHAGRPO_VALIDATE``).
     """
     lengths = _check(hidden, weight, tokens, logp_old, advantages, cu_seqlens, level, clip_low, clip_high,
-                     temperature, logp_ref, beta)
+                     temperature, logp_ref, beta, validate)
     if backend_for(hidden.device) == "ref" or hidden.dtype == torch.float64:
         return ar_grpo_loss_ref(hidden, weight, tokens, logp_old, advantages, cu_seqlens, level=level,
                                 clip_low=clip_low, clip_high=clip_high, temperature=temperature, logp_ref=logp_ref,
-                                beta=beta)
+                                beta=beta, validate=False)
+    impl = impl if impl is not None else (os.environ.get(IMPL_ENV_VAR, "").strip().lower() or "chunked")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {list(_IMPLS)} (or {IMPL_ENV_VAR}), got {impl!r}")
     ws = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     if ws <= 0:
         raise ValueError(f"workspace_bytes must be positive, got {workspace_bytes}")
-    logp = LinearLogProbFunction.apply(hidden.contiguous(), weight.contiguous(), tokens.contiguous(),
-                                       float(temperature), ws)
-    return _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
+    hidden, weight, tokens = hidden.contiguous(), weight.contiguous(), tokens.contiguous()
+    if impl == "tiled":
+        from .ar_grpo_tiled import LinearLogProbFunction
+        logp = LinearLogProbFunction.apply(hidden, weight, tokens, float(temperature), ws)
+        return _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
+    n, v = hidden.shape[0], weight.shape[0]
+    if chunk_rows is not None and int(chunk_rows) <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    rows = max(1, min(int(chunk_rows), n)) if chunk_rows is not None else chunk_rows_for(n, v, ws, hidden.device)
+    grad = torch.is_grad_enabled()
+    need_gh, need_gw = grad and hidden.requires_grad, grad and weight.requires_grad
+    if not (need_gh or need_gw):                             # old / reference log-probs: one pass, no gradient
+        fn = _ar_logp if direct_launch(hidden, weight, tokens) else _logp_op
+        logp = fn(hidden.detach(), weight.detach(), tokens, float(temperature), rows)
+        return _surrogate(logp, tokens, logp_old, advantages, lengths, level, clip_low, clip_high, logp_ref, beta)
+    cu_host = _host_cu(cu_seqlens, cu_seqlens_host) if level == "sequence" else None
+    if cu_host is not None and cu_seqlens_host is not None and _validate_requested(validate) \
+            and not torch.compiler.is_compiling() and cu_host != cu_seqlens.tolist():   # opt-in: a sync on GPU
+        raise ValueError("cu_seqlens_host differs from cu_seqlens")
+    plan = plan_chunks(n, rows, level, cu_host, advantages.shape[0])
+    ref = logp_ref.detach().contiguous() if logp_ref is not None else None
+    loss, logp, *stats = ChunkedGRPOFunction.apply(
+        hidden, weight, tokens, logp_old.detach().contiguous(), advantages.detach().contiguous(), lengths, ref, plan,
+        level, float(clip_low), float(clip_high), float(temperature), float(beta), rows, need_gh, need_gw)
+    return loss, dict(logp=logp, **dict(zip(_METRICS, stats)))

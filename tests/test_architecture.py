@@ -69,3 +69,65 @@ def test_a_plain_source_checkout_imports_alphagrpo_kernels():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert pathlib.Path(out.stdout.strip()) == ROOT / "kernels" / "__init__.py"
+
+
+LAYERS = {  # package prefix -> layer; an import may only point to the same or a lower layer
+    "alphagrpo.kernels": 0,
+    "alphagrpo.sampler": 1, "alphagrpo.advantages": 1, "alphagrpo.rewards": 1, "alphagrpo.models": 1,
+    "alphagrpo.worlds": 1, "alphagrpo.verifiers": 1, "alphagrpo._deps": 1, "alphagrpo.decompose": 1,
+    "alphagrpo.train": 2, "alphagrpo.eval": 2, "alphagrpo.testing": 2,
+    "alphagrpo.commands": 3, "alphagrpo.cli": 3,
+}
+
+
+def _layer(module: str):
+    best = None
+    for prefix, layer in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, layer)
+    return best[1] if best else None
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def test_no_arrow_points_up_the_layers():
+    """kernels <- recipe core (sampler, advantages, rewards, models, worlds, verifiers) <- library (train, eval) <-
+    commands: the library never imports a command, the core never imports the library."""
+    bad = []
+    for path, imported in _imports("alphagrpo"):
+        me, them = _layer(_module_name(path)), _layer(imported)
+        if me is not None and them is not None and them > me:
+            bad.append((_module_name(path), imported))
+    assert not bad, f"imports that point up the layers: {bad}"
+
+
+def test_the_training_library_has_no_import_cycle():
+    """Within alphagrpo.train and alphagrpo.eval, module imports form a DAG (the trainer -> evaluate -> common ->
+    trainer cycle must not come back)."""
+    graph = {}
+    for path, imported in _imports("alphagrpo"):
+        me = _module_name(path)
+        if me.startswith(("alphagrpo.train", "alphagrpo.eval")) and imported.startswith(("alphagrpo.train",
+                                                                                        "alphagrpo.eval")):
+            graph.setdefault(me, set()).add(imported)
+    state = {}
+
+    def visit(n, stack):
+        if state.get(n) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(stack + [n])}")
+        if state.get(n) == 2:
+            return
+        state[n] = 1
+        for m in graph.get(n, ()):
+            visit(m, stack + [n])
+        state[n] = 2
+
+    for n in list(graph):
+        visit(n, [])

@@ -163,6 +163,49 @@ def test_eager_calls_launch_directly_and_match_the_custom_op_path(fused, monkeyp
     assert all(torch.equal(direct[1][k], via_op[1][k]) for k in direct[1])
 
 
+def test_flow_kernel_is_two_launches_into_one_output_buffer(fused, monkeypatch):
+    import alphagrpo.kernels.flow_grpo as F
+    real = F._kernels(True)
+    launches = []
+
+    class Count:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(F, "_kernels", lambda interpret: (Count(real[0], "fwd"), Count(real[1], "bwd")))
+    for per_sample in (False, True):
+        launches.clear()
+        args = _case(3, (1823,), torch.bfloat16, per_sample=per_sample, with_ref=True)   # several blocks per sample
+        loss, m, gv, gx = _run(flow_grpo_loss, *args)
+        assert launches == ["fwd", "bwd"]
+        base = loss.untyped_storage().data_ptr()
+        assert all(m[k].untyped_storage().data_ptr() == base for k in ("logp", "ratio", "clip_frac", "kl"))
+        assert F._counter(torch.device("cpu")).item() == 0           # the ticket is reset for the next call
+        with use_fused(False):
+            want = _run(flow_grpo_loss_ref, *args)
+        torch.testing.assert_close(loss, want[0].float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma, sigma_next, sub", [(0.75, 0.5625, None), (1.0, 0.9375, None), (1.0, 0.9375, 0.96)])
+def test_flow_kernel_device_schedule_matches_the_scalar_one(fused, sigma, sigma_next, sub):
+    """Coefficients computed in the kernel from device tensors (CUDA-graph safe) equal kernels.sde's float32 ones."""
+    v, x, prev, _, _, logp_old, adv, ref = _case(5, (40,), torch.float32, with_ref=True)
+    outs = []
+    for as_tensor in (False, True):
+        t = (lambda z: torch.tensor(z)) if as_tensor else (lambda z: z)
+        vv = v.clone().requires_grad_()
+        loss, m = flow_grpo_loss(vv, x, prev, t(sigma), t(sigma_next), t(0.7), logp_old, adv, mean_ref=ref, beta=0.3,
+                                 sigma_one_substitute=None if sub is None else t(sub))
+        loss.backward()
+        outs.append((loss.detach(), m["logp"], vv.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------------------ dispatch
 def test_dispatch_auto_on_cpu_uses_the_reference_unless_interpreting(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -203,3 +246,56 @@ def test_flow_kernel_matches_float64_reference_cuda(dtype, d):
     with use_fused(True):
         args = _case(32, (d,), dtype, device="cuda", per_sample=d % 2 == 1, with_ref=True)
         _check_against_oracle(args, dtype)
+
+
+@pytest.mark.cuda
+def test_flow_kernel_cuda_graph_replay_follows_changed_coefficient_tensors():
+    """Capture fwd+bwd once with the schedule as device tensors; replays with new values match fresh eager calls."""
+    g = torch.Generator().manual_seed(0)
+    b, d = 8, 16 * 32 * 32
+    v = torch.randn(b, d, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    x = torch.randn(b, d, generator=g).to("cuda", torch.bfloat16)
+    prev = torch.randn(b, d, generator=g).to("cuda")
+    logp_old = torch.full((b,), -0.6, device="cuda")
+    adv = torch.randn(b, generator=g).to("cuda")
+    sig, sig_next = torch.tensor(0.75, device="cuda"), torch.tensor(0.5625, device="cuda")
+
+    def step(s, sn):
+        loss, m = flow_grpo_loss(v, x, prev, s, sn, 0.7, logp_old, adv)
+        gv, = torch.autograd.grad(loss, v)
+        return loss, m["logp"], gv
+
+    with use_fused(True):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(sig, sig_next)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = step(sig, sig_next)
+        for s, sn in [(0.5, 0.4375), (1.0, 0.9375), (0.75, 0.5625)]:
+            sig.fill_(s)
+            sig_next.fill_(sn)
+            graph.replay()
+            torch.cuda.synchronize()
+            want = step(s, sn)                                       # eager, Python-number schedule
+            for got, ref in zip(static, want):
+                torch.testing.assert_close(got.float(), ref.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_flow_kernel_never_syncs_the_host_cuda(per_sample):
+    args = _case(8, (4, 16, 16), torch.bfloat16, device="cuda", per_sample=per_sample, with_ref=True)
+    if per_sample:                                                   # the schedule as device tensors
+        args = args[:3] + (args[3].cuda(), args[4].cuda()) + args[5:]
+    with use_fused(True):
+        _run(flow_grpo_loss, *args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _run(flow_grpo_loss, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -2,7 +2,8 @@
 
 - ``BackgroundLoop``: one asyncio loop in a daemon thread, so a synchronous ``score()`` works whether or not the
   caller runs an event loop, and one ``httpx.AsyncClient`` keeps its connections across calls.
-- ``HTTPPool``: POST JSON to one of several base URLs with a concurrency limit, a timeout per attempt, retries with
+- ``HTTPPool``: POST JSON to one of several base URLs with a concurrency limit, a timeout per attempt (it bounds
+  the whole attempt: connecting, sending, and reading the whole answer, however slowly it trickles in), retries with
   exponential backoff and jitter on transient failures (connection errors, timeouts, 408/425/429/5xx), and
   balancing by fewest requests in flight (round-robin among ties), failing over to another URL on retry.
   Other 4xx answers are not retried: they mean the request itself is wrong, and raise ``HTTPRequestError``.
@@ -99,6 +100,7 @@ class HTTPPool:
         httpx = import_httpx()
         self.urls = [u.rstrip("/") for u in urls]
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.timeout = timeout
         self._sem = asyncio.Semaphore(concurrency)
         self._in_flight = {u: 0 for u in self.urls}
         self._rr = itertools.count()
@@ -126,8 +128,11 @@ class HTTPPool:
                 url = self._pick(avoid=url if len(self.urls) > 1 else None)
                 self._in_flight[url] += 1
                 self.stats["requests"] += 1
-                try:
-                    r = await self._client.post(url + path, json=payload)
+                try:  # httpx's timeout applies to each socket operation; wait_for bounds the whole attempt
+                    r = await asyncio.wait_for(self._client.post(url + path, json=payload), self.timeout)
+                except asyncio.TimeoutError:
+                    last = HTTPRequestError(f"{url}{path}: no complete answer within {self.timeout:g} s", None, True)
+                    continue
                 except (httpx.TimeoutException, httpx.TransportError) as e:
                     last = HTTPRequestError(f"{url}{path}: {type(e).__name__}: {e}", None, True)
                     continue
@@ -149,7 +154,7 @@ class HTTPPool:
                                last.status if last else None, True)
 
     async def get(self, url: str):
-        return await self._client.get(url)
+        return await asyncio.wait_for(self._client.get(url), self.timeout)
 
     async def aclose(self) -> None:
         await self._client.aclose()

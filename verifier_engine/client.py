@@ -2,10 +2,13 @@
 
 The trainer uses it unchanged (it has ``score(images, question_lists)``). A call is cut into requests of at most
 ``max_images_per_request`` images, sent concurrently (at most ``concurrency`` in flight) to the least-busy of the
-server URLs, each with a timeout and retries with backoff. A request that still fails after its retries follows
-``on_failure``: ``"zero"`` scores its questions 0 (the authors' choice; counted in ``stats["failed_images"]`` and
-logged) or ``"raise"`` raises ``VerifierError``. A server that rejects a request (4xx: bad token, too many pixels)
-always raises: that is a configuration error, not a transient one, and silent zeros would poison training.
+server URLs, each with a timeout and retries with backoff. ``timeout`` bounds a whole attempt (connect, send, and
+read the whole answer), not each socket read: a server that trickles its answer byte by byte still times out.
+A request that still fails after its retries follows ``on_failure``: ``"zero"`` scores its questions 0 (the
+authors' choice; counted in ``stats["failed_images"]`` and logged) or ``"raise"`` raises ``VerifierError``. A server
+that rejects a request (4xx: bad token, too many pixels) always raises: that is a configuration error, not a
+transient one, and silent zeros would poison training. So does an answer that is not, per image, a list of finite
+numbers in ``[0, 1]``, one per question.
 
 ``submit()`` returns a ``concurrent.futures.Future`` so reward calls can overlap the next rollout; ``ascore()`` is
 the awaitable form. Images are PNG-encoded (lossless) in worker threads.
@@ -103,10 +106,7 @@ class VerifierClient:
                 log.warning("verifier request for %d images failed after retries; scoring them 0: %s", len(chunk), res)
                 continue
             for i, scores in zip(chunk, res):
-                if len(scores) != len(question_lists[i]):
-                    raise VerifierError(f"the server returned {len(scores)} scores for {len(question_lists[i])} "
-                                        f"questions")
-                out[i] = [float(s) for s in scores]
+                out[i] = _check_scores(scores, len(question_lists[i]), i)
         return out
 
     async def _request(self, pool, images, question_lists, expected, chunk):
@@ -133,3 +133,15 @@ class VerifierClient:
             except Exception as e:  # health is a probe: report, never raise
                 out.append({"url": u, "ok": False, "error": f"{type(e).__name__}: {e}"})
         return out
+
+
+def _check_scores(scores: Any, n: int, image: int) -> list[float]:
+    """The scores of one image as floats; ``VerifierError`` unless they are ``n`` finite numbers in [0, 1]."""
+    if not isinstance(scores, list) or len(scores) != n:
+        got = f"{len(scores)} scores" if isinstance(scores, list) else type(scores).__name__
+        raise VerifierError(f"the server returned {got} for image {image}'s {n} questions")
+    for j, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:  # NaN fails too
+            raise VerifierError(f"the server returned {str(s)[:40]!r} as score {j} of image {image}; scores must be "
+                                f"finite numbers in [0, 1]")
+    return [float(s) for s in scores]

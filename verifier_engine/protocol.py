@@ -7,7 +7,8 @@ shapes world's programmatic one.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, Union, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
@@ -56,3 +57,26 @@ def check_failure_policy(policy: str) -> str:
     if policy not in FAILURE_POLICIES:
         raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {policy!r}")
     return policy
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a backend's image processor does with an image, so a server can refuse or shrink it before the backend.
+
+    A backend may expose it as ``image_spec()``. ``max_aspect_ratio``: longer side / shorter side beyond which the
+    processor refuses the image (Qwen-VL: 200). ``target_size(width, height)``: the ``(width, height)`` the processor
+    resizes to, or ``None`` when no exact resize can be done ahead of it; the server then decodes large images straight
+    to that size with ``resample`` (a PIL filter number), so queued images hold no more pixels than the model sees.
+    """
+    max_aspect_ratio: float | None = None
+    target_size: Callable[[int, int], tuple[int, int] | None] | None = None
+    resample: int = 3  # PIL bicubic
+
+    def check(self, width: int, height: int) -> None:
+        """Raise a ``ValueError`` saying what is wrong when the backend would refuse a ``width`` x ``height`` image."""
+        if width < 1 or height < 1:
+            raise ValueError(f"the image is {width}x{height} pixels; it needs at least one pixel each way")
+        ratio = max(width, height) / min(width, height)
+        if self.max_aspect_ratio is not None and ratio > self.max_aspect_ratio:
+            raise ValueError(f"the image is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; this model "
+                             f"accepts at most {self.max_aspect_ratio:g}:1")

@@ -196,6 +196,55 @@ class VLBundle:
         n_tokens = (patches // (self.merge_size ** 2)).tolist()
         return out["pixel_values"], grid, n_tokens, offsets
 
+    def check_question(self, question: str) -> None:
+        """Raise a ``ValueError`` when ``question`` holds one of the tokenizer's special tokens (``<|image_pad|>``,
+        ``<|im_end|>``, ...): they would change the query's structure, and an image placeholder breaks the model."""
+        if not hasattr(self, "_special_strings"):
+            tok = self.tokenizer
+            decoder = getattr(tok, "added_tokens_decoder", None)
+            if isinstance(decoder, dict):  # added tokens marked special (not Qwen's plain <think>, <tool_call>)
+                specials = {str(getattr(t, "content", t)) for t in decoder.values() if getattr(t, "special", True)}
+            else:
+                specials = set(tok.get_added_vocab())
+            specials |= set(tok.all_special_tokens)
+            self._special_strings = tuple(sorted(t for t in specials if t and not t.isspace()))
+        for t in self._special_strings:
+            if t in question:
+                raise ValueError(f"holds the model's special token {t!r}; send plain text")
+
+    def image_spec(self):
+        """The image processor's limits and resize rule as a ``protocol.ImageSpec`` (``None`` when it is not a
+        Qwen-VL-style processor whose rule is known: ``smart_resize`` with a pixel budget, ``patch_size``,
+        ``merge_size``). ``target_size`` is given only where resizing ahead gives exactly what the processor would
+        make of the original (the processor's own rule is idempotent there)."""
+        import sys
+        from .protocol import ImageSpec
+        ip = self.image_processor
+        resize = getattr(sys.modules.get(type(ip).__module__), "smart_resize", None)
+        size = getattr(ip, "size", None)
+
+        def field(name):
+            v = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+            return v if isinstance(v, int) and v > 0 else None
+        max_px = getattr(ip, "max_pixels", None) or field("longest_edge")
+        min_px = getattr(ip, "min_pixels", None) or field("shortest_edge")
+        patch, merge = getattr(ip, "patch_size", None), getattr(ip, "merge_size", None)
+        if resize is None or not all(isinstance(v, int) and v > 0 for v in (max_px, min_px, patch, merge)):
+            return None
+        factor = patch * merge
+        resample = getattr(ip, "resample", 3)
+
+        def target_size(width: int, height: int):
+            try:
+                h, w = resize(height, width, factor=factor, min_pixels=min_px, max_pixels=max_px)
+                if resize(h, w, factor=factor, min_pixels=min_px, max_pixels=max_px) != (h, w):
+                    return None
+            except ValueError:
+                return None
+            return int(w), int(h)
+        return ImageSpec(max_aspect_ratio=200.0, target_size=target_size,
+                         resample=int(resample) if isinstance(resample, int) else 3)
+
     def model_inputs(self, input_ids, attention_mask, pixel_values, grid) -> dict:
         """Keyword arguments for the transformers model (``mm_token_type_ids`` where the version wants it)."""
         import torch

@@ -37,7 +37,38 @@ def resolve_config(recipe: str, overrides: Sequence[str], checkpoint: Optional[s
     """The recipe with ``--set`` overrides applied; ``checkpoint`` (a policy folder) becomes ``model.path``."""
     from alphagrpo.train.config import apply_overrides, get_recipe
     sets = list(overrides) + ([f"model.path={checkpoint}"] if checkpoint else [])
-    return apply_overrides(get_recipe(recipe), sets)
+    cfg = apply_overrides(get_recipe(recipe), sets)
+    check_device(cfg.device)
+    return cfg
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot reach, before any slow work."""
+    import torch
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device} asks for CUDA, but this torch has no CUDA device; set device=cpu")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def writable_dir(path) -> "Path":
+    """Create folder ``path`` (and parents) and check that files can be written there; one clear error if not."""
+    import os
+    import tempfile
+    from pathlib import Path
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{p} is a file; give a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write into {p} ({e.strerror}); choose a folder you can write to") from None
+    return p
 
 
 def eval_context(recipe: str, overrides, n: int, checkpoint: Optional[str] = None):

@@ -32,7 +32,12 @@ def add_arguments(p):
 
 def run(args) -> int:
     import statistics
-    seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    if args.rounds < 0:
+        raise ValueError(f"--rounds must be >= 0 (refinement rounds after the first image), got {args.rounds}")
+    try:
+        seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
     if not seeds:
         raise ValueError("--seeds needs at least one integer, e.g. --seeds 0,1,2")
     cfg, world, policy, reward, recs = eval_context(args.recipe, args.set, args.n, args.checkpoint)

@@ -15,7 +15,8 @@ What a policy declares about itself:
   never a copy of the base weights.
 - ``device`` / ``dtype``; ``sigmas(num_steps, shift)``: the policy's own sigma grid (a diffusers scheduler's) when
   it has one (``sampler.grid="scheduler"``); ``shard_modules()``: the modules a distributed wrapper may shard (FSDP2
-  ``fully_shard`` units).
+  ``fully_shard`` units), and optionally ``shard_forward_methods(module)``: the methods the adapter calls on such a
+  unit instead of ``forward`` (``alphagrpo.train.parallel`` registers them so FSDP2 gathers around them).
 
 ``PolicyBase`` supplies the optional members' defaults (text path on, no own grid, nothing to shard, ``reference()``
 through ``alphagrpo.models.lora.disabled_adapters``) so an adapter writes only what is specific to its model.
@@ -51,11 +52,14 @@ class ThinkSample:
 @dataclass
 class TextReplay:
     """What the fused AR loss needs, for think tokens packed over the batch: ``hidden [N, H]`` (final hidden states
-    predicting ``targets [N]``), the LM-head ``weight [V, H]``, and ``cu_seqlens [S + 1]``."""
+    predicting ``targets [N]``), the LM-head ``weight [V, H]``, and ``cu_seqlens [S + 1]`` (on the device), plus
+    optionally the same boundaries as a host list (``cu_seqlens_host``: the kernel plans its sequence-level chunks
+    from it without a device sync)."""
     hidden: torch.Tensor
     weight: torch.Tensor
     targets: torch.Tensor
     cu_seqlens: torch.Tensor
+    cu_seqlens_host: Optional[list] = None
 
 
 @dataclass

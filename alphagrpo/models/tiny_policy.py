@@ -300,7 +300,7 @@ class TinyUMMPolicy(PolicyBase):
         r, c = torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)
         targets = torch.cat([t.to(self.device) for t in think]).long()
         return TextReplay(hidden=hid[r, c], weight=self.model.lm_head.weight, targets=targets,
-                          cu_seqlens=torch.tensor(lens, dtype=torch.long, device=self.device))
+                          cu_seqlens=torch.tensor(lens, dtype=torch.long, device=self.device), cu_seqlens_host=lens)
 
     # ---------------------------------------------------------------- image
     def _forms(self, requests, cfg: CFGConfig):
@@ -373,6 +373,14 @@ class TinyUMMPolicy(PolicyBase):
 
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def shard_modules(self) -> list:
+        """FSDP2 units: every layer, then the whole network (the root: embeddings and heads)."""
+        return [*self.model.layers, self.model]
+
+    def shard_forward_methods(self, module) -> tuple:
+        """The methods this adapter calls on a shard unit instead of ``forward`` (FSDP2 gathers around them)."""
+        return ("embed_context", "context", "velocity") if module is self.model else ("und_forward", "gen_forward")
 
     # ---------------------------------------------------------------- pretraining
     def supervised_losses(self, requests, think_texts, images, *, generator, p_drop=0.1, shift=3.0):

@@ -6,22 +6,54 @@ config) and ``manifest.json`` (a SHA-256 of every file). It is written into a te
 place, then ``checkpoints/latest`` is replaced atomically: a checkpoint is complete or absent. At load the checksums
 are verified and ``trainer.pt`` is read with ``weights_only=True`` (no pickled code runs). A corrupt or missing
 latest checkpoint is one clear error that names the previous complete one.
+
+Several ranks (or FSDP) write the same folder through ``torch.distributed.checkpoint`` instead (``save_distributed``):
+``dcp/`` holds the trainable weights (every weight, or the LoRA adapters; sharded as they live on the ranks) and the
+optimizer state, ``rank00000.pt``... each rank's generator states and data position, ``trainer.pt`` the step, the
+config and ``world_size``, and ``policy/`` (replicate only: rank 0 holds the whole policy) the policy for inference.
+Every rank writes into one temporary sibling; after a barrier rank 0 writes the manifest, renames the folder into
+place and replaces ``latest``: complete or absent, as above. ``load_distributed`` restores it on any world size (DCP
+reshards); on another world size the data order and random streams cannot continue exactly and a log line says so.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+log = logging.getLogger(__name__)
+
 CKPT_FORMAT = "alphagrpo.trainer/v2"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final`` (replacing an existing one) with renames only."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def point_latest(ck: Path, name: str) -> None:
+    """Replace ``ck/latest`` (the name of the newest checkpoint) atomically."""
+    fd, tmpname = tempfile.mkstemp(dir=ck, prefix=".latest.")
+    with os.fdopen(fd, "w") as f:
+        f.write(name)
+    os.replace(tmpname, ck / "latest")
 
 
 def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
@@ -32,14 +64,7 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
     try:
         write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -72,11 +97,105 @@ def save_checkpoint(run_dir: Path, step: int, policy, state: dict, cfg) -> Path:
                                                         "sha256": _manifest(tmp)}, indent=1))
 
     atomic_dir(final, write)
-    fd, tmpname = tempfile.mkstemp(dir=ck, prefix=".latest.")
-    with os.fdopen(fd, "w") as f:
-        f.write(final.name)
-    os.replace(tmpname, ck / "latest")
+    point_latest(ck, final.name)
     return final
+
+
+def _dcp_state(module, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(ignore_frozen_params=True)   # LoRA: the adapters only; the base comes from model.path
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=opts)
+    return {"model": model_sd, "optim": optim_sd}, opts
+
+
+def save_distributed(run_dir: Path, step: int, policy, module, trainer, data: dict, cfg, *,
+                     export_policy: bool) -> Path:
+    """Write ``run_dir/checkpoints/step_XXXXXX`` from every rank (call on all ranks; see the module docstring).
+    ``module``: the ``nn.Module`` holding the trainable parameters; ``export_policy``: rank 0 also writes
+    ``policy/`` with the policy's ``save_pretrained`` (it must hold the whole policy: replicate)."""
+    import torch.distributed.checkpoint as dcp
+
+    from alphagrpo.train.dist import dist_info
+    from alphagrpo.train.parallel import barrier
+    rank, world = dist_info()
+    ck = Path(run_dir) / "checkpoints"
+    final = ck / f"step_{step:06d}"
+    tmp = ck / f".step_{step:06d}.partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    state, _ = _dcp_state(module, trainer.optimizer)
+    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    torch.save({"generator": trainer.gen.get_state(), "torch_rng": torch.get_rng_state(), "data": data},
+               tmp / f"rank{rank:05d}.pt")
+    if rank == 0:
+        if export_policy:
+            policy.save_pretrained(tmp / "policy")
+        torch.save({"format": CKPT_FORMAT, "recipe": cfg.recipe, "step": step, "config": cfg.to_dict(),
+                    "model_kind": cfg.model.kind, "dcp": True, "world_size": world, "data": data}, tmp / "trainer.pt")
+    barrier()
+    if rank == 0:
+        (tmp / "manifest.json").write_text(json.dumps({"format": CKPT_FORMAT, "step": step,
+                                                        "sha256": _manifest(tmp)}, indent=1))
+        replace_dir(tmp, final)
+        point_latest(ck, final.name)
+    barrier()
+    return final
+
+
+def load_distributed(state: dict, module, trainer) -> dict:
+    """Restore a ``save_distributed`` checkpoint (``state``: what ``load_checkpoint`` returned) into ``module``
+    and ``trainer`` (optimizer, this rank's generator). Returns the data position for this rank. On another world
+    size the weights and optimizer load exactly; the prompt shards and random streams are this world's (logged)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from alphagrpo.train.dist import dist_info
+    rank, world = dist_info()
+    ck = Path(state["path"])
+    sd, opts = _dcp_state(module, trainer.optimizer)
+    # partial: a parameter that never had a gradient (e.g. the input-image path of a text-to-image run) has no
+    # optimizer state in the checkpoint; DCP's fresh state for it stays, and is unused until it gets a gradient
+    with warnings.catch_warnings():   # one process: DCP warns that it loads without a process group, as asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=world == 1)
+    set_state_dict(module, trainer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=opts)
+    saved_world = int(state.get("world_size", 1))
+    mine = ck / f"rank{rank:05d}.pt"
+    if saved_world == world and mine.is_file():
+        r = torch.load(mine, map_location="cpu", weights_only=True)
+        trainer.gen.set_state(r["generator"])
+        torch.set_rng_state(r["torch_rng"])
+        return r["data"]
+    if rank == 0:
+        log.warning("resume of a %d-rank checkpoint on %d rank(s): weights and optimizer state load exactly; the "
+                    "prompt order (shards per rank) and the random streams start anew for this world size, so the "
+                    "run does not continue bit for bit", saved_world, world)
+    data = dict(state.get("data") or {"epoch": 0, "cursor": 0})
+    data["cursor"] = int(data.get("cursor", 0)) * saved_world // world   # the prompts consumed, re-divided
+    return data
+
+
+def load_weights_distributed(state: dict, module) -> None:
+    """Only the trainable weights of a ``save_distributed`` checkpoint into ``module`` (no optimizer), e.g. to
+    export an FSDP run's policy in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    from alphagrpo.train.dist import dist_info
+    opts = StateDictOptions(ignore_frozen_params=True)
+    sd = {"model": get_model_state_dict(module, options=opts)}
+    with warnings.catch_warnings():   # one process: DCP warns that it loads without a process group, as asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(Path(state["path"]) / "dcp"),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=dist_info()[1] == 1)
+    set_model_state_dict(module, sd["model"], options=opts)
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -118,11 +237,18 @@ def verify(ck: Path) -> Optional[str]:
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder from a run folder (its latest), a checkpoints folder, or the folder itself."""
+    """A checkpoint folder from a run folder (its latest; the newest remaining one when latest was deleted), a
+    checkpoints folder, or the folder itself."""
     path = Path(path)
     for cand in (path / "checkpoints" / "latest", path / "latest"):
         if cand.is_file():
-            return cand.parent / cand.read_text().strip()
+            target = cand.parent / cand.read_text().strip()
+            if target.is_dir():
+                return target
+            older = step_dirs(cand.parent.parent)   # latest was deleted (e.g. a damaged one): the newest left
+            if older:
+                return older[-1]
+            return target
     if (path / "trainer.pt").is_file():
         return path
     found = step_dirs(path)
@@ -150,7 +276,7 @@ def load_checkpoint(path: Path, recipe: Optional[str] = None) -> dict:
     if recipe is not None and state["recipe"] != recipe:
         raise ValueError(f"checkpoint {ck} was written by recipe {state['recipe']!r}, not {recipe!r}; resume with "
                          f"--recipe {state['recipe']} or start a new run folder")
-    state["policy_path"] = ck / "policy"
+    state["policy_path"] = ck / "policy" if (ck / "policy").is_dir() else None
     state["path"] = ck
     return state
 

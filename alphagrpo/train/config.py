@@ -3,8 +3,9 @@
 ``--set a.b=value`` overrides any field from the command line (``apply_overrides``). The resolved config is written
 into the run folder. Sections: ``model`` (which policy: ``kind``, ``path``, ``dtype``), ``data`` (which world),
 ``reward`` (which verifier: ``reward.verifier``), ``sampler``, ``cfg`` / ``cfg_refine`` (text-to-image and refinement
-guidance), ``loss``, ``optim``, ``lora``, ``srr``. Recipes: ``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and
-``tiny_shapes_srr`` (self-reflective refinement with FPR); real-model recipes register beside their adapters.
+guidance), ``loss``, ``optim``, ``lora``, ``srr``, ``parallel`` (data-parallel strategy under torchrun). Recipes:
+``tiny_shapes`` (RT2I on the shapes world, CPU-sized) and ``tiny_shapes_srr`` (self-reflective refinement with FPR);
+real-model recipes register beside their adapters.
 Numbers that differ from the paper's BAGEL setup (RECIPE.md section 8) are CPU-sized and say so in their field's
 comment.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -145,6 +147,31 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data-parallel training under ``torchrun`` (docs/distributed.md). Ignored in one process."""
+    strategy: str = "replicate"    # "replicate": every rank holds the model, trainable grads all-reduced (DDP
+                                   # semantics); "fsdp": FSDP2 fully_shard over policy.shard_modules() and the root
+    cpu_offload: bool = False      # fsdp: keep sharded parameters, grads and optimizer state in CPU memory
+    param_dtype: str = "auto"      # fsdp on CUDA: dtype of the gathered parameters; "auto": the policy's own (a bf16
+                                   # model such as BAGEL computes in bf16); "bfloat16" casts fp32-stored weights for
+                                   # compute (needs a bf16-ready forward: TinyUMM's is not); CPU runs never cast
+    reduce_dtype: str = "float32"  # dtype gradients are summed in across ranks (both strategies)
+    bucket_mb: float = 25.0        # replicate: gradient all-reduce bucket size (MiB), as DDP's bucket_cap_mb
+    timeout_s: float = 600.0       # process-group timeout: a rank stuck in a collective this long fails the run
+
+    def __post_init__(self):
+        if self.strategy not in ("replicate", "fsdp"):
+            raise ValueError(f"parallel.strategy must be 'replicate' or 'fsdp', got {self.strategy!r}")
+        if self.param_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"parallel.param_dtype must be auto, float32, bfloat16 or float16, got "
+                             f"{self.param_dtype!r}")
+        if self.reduce_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"parallel.reduce_dtype must be float32, bfloat16 or float16, got {self.reduce_dtype!r}")
+        if not self.bucket_mb > 0 or not self.timeout_s > 0:
+            raise ValueError("parallel.bucket_mb and parallel.timeout_s must be positive")
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "tiny_shapes"
     task: str = "rt2i"             # "rt2i", "srr" or "mixed"
@@ -173,6 +200,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     srr: SRRConfig = field(default_factory=SRRConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.task not in ("rt2i", "srr", "mixed"):
@@ -181,6 +209,10 @@ class TrainConfig:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
         if self.prompts_per_step < 1 or self.steps < 0 or self.micro_batch < 1:
             raise ValueError("prompts_per_step and micro_batch must be >= 1 and steps >= 0")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_think_tokens < 1 or self.eval_size < 0 or self.eval_batch < 1:
+            raise ValueError("max_think_tokens and eval_batch must be >= 1 and eval_size >= 0")
         if self.rollout_every < 0 or self.ckpt_every < 0 or self.image_every < 0:
             raise ValueError("ckpt_every, image_every and rollout_every must be >= 0 (0: never)")
         if self.data.world == "jsonl" and self.reward.verifier == "world":
@@ -244,9 +276,26 @@ def _coerce(value: str, current: Any):
         raise ValueError(f"expected a boolean, got {value!r}")
     if current is None:
         return None if value.lower() in ("none", "null") else value
-    if isinstance(current, tuple):   # comma-separated; integers when every item is one (window starts), else names
+    if isinstance(current, tuple):   # comma-separated; integers where the setting holds integers, else names
         items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-        return tuple(int(v) for v in items) if all(v.lstrip("-").isdigit() for v in items) else tuple(items)
+        if current and all(isinstance(x, float) for x in current):      # e.g. optim.betas
+            try:
+                return tuple(float(v) for v in items)
+            except ValueError:
+                raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+        numeric = all(isinstance(x, int) and not isinstance(x, bool) for x in current) and len(current) > 0
+        if numeric or (items and all(v.lstrip("-").isdigit() for v in items)):
+            bad = [v for v in items if not v.lstrip("-").isdigit()]
+            if bad:
+                raise ValueError(f"expected comma-separated integers, got {value!r}")
+            return tuple(int(v) for v in items)
+        return tuple(items)
+    if isinstance(current, (int, float)):
+        try:
+            return type(current)(value)
+        except ValueError:
+            raise ValueError(f"expected a{'n integer' if isinstance(current, int) else ' number'}, got {value!r}") \
+                from None
     return type(current)(value)
 
 
@@ -287,7 +336,7 @@ def from_dict(d: dict) -> TrainConfig:
     """Rebuild a ``TrainConfig`` from ``to_dict()`` output (checkpoints); unknown keys raise."""
     kinds = {"sampler": SamplerConfig, "cfg": CFGConfig, "cfg_refine": CFGConfig, "loss": LossConfig,
              "optim": OptimConfig, "lora": LoRAConfig, "reward": RewardConfig, "srr": SRRConfig, "data": DataConfig,
-             "model": ModelConfig}
+             "model": ModelConfig, "parallel": ParallelConfig}
     d = dict(d)
     if "init" in d:                      # configs written before the model section: init was model.path
         d.setdefault("model", {})

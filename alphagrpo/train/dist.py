@@ -14,10 +14,13 @@ def dist_info() -> tuple[int, int]:
 
 def gather_all(t: torch.Tensor) -> torch.Tensor:
     """All ranks' ``[n]`` tensors concatenated in rank order (a no-op in one process). Every rank must pass the
-    same ``n``."""
+    same ``n``. Returned on ``t``'s device (NCCL groups move CPU tensors through the current CUDA device)."""
     rank, world = dist_info()
     if world == 1:
         return t
+    dev = t.device
+    if torch.distributed.get_backend() == "nccl" and dev.type != "cuda":   # NCCL moves CUDA tensors only
+        t = t.cuda()
     parts = [torch.empty_like(t) for _ in range(world)]
     torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts).to(dev)

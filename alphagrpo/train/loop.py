@@ -10,12 +10,18 @@ data position, so N steps straight equal N/2 + resume + N/2 bit for bit on CPU. 
 ``allow_config_change`` (then the new values apply, the learning rate included, and the change is recorded in
 ``config_changes.jsonl``); ``steps`` below the checkpoint's step; a fresh run into a folder that already holds
 checkpoints (pass ``resume`` or ``overwrite``).
+
+Under ``torchrun`` (``alphagrpo.train.parallel``) the loop initialises the process group from the environment and
+destroys it at the end; prompts are sharded by rank; rank 0 alone logs and writes the run folder's files; checkpoints
+go through ``torch.distributed.checkpoint`` (``checkpoint.save_distributed``): resume on the same world size is
+exact, on another one it loads weights and optimizer and says what cannot be exact.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,9 +30,10 @@ import torch
 
 from alphagrpo.models.registry import load_policy
 from alphagrpo.rewards import DVReward
-from alphagrpo.train.checkpoint import atomic_dir, has_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from alphagrpo.train import parallel as par_
+from alphagrpo.train.checkpoint import (atomic_dir, has_checkpoints, load_checkpoint, load_distributed,
+                                        load_weights_distributed, remove_partial, save_checkpoint, save_distributed)
 from alphagrpo.train.config import TrainConfig, from_dict
-from alphagrpo.train.dist import dist_info
 from alphagrpo.train.metrics import MetricsLogger, format_step, save_rollout
 from alphagrpo.train.trainer import GRPOTrainer
 from alphagrpo.verifiers import build_verifier
@@ -34,8 +41,11 @@ from alphagrpo.verifiers import build_verifier
 log = logging.getLogger(__name__)
 
 # settings a resumed run may change without breaking exactness (bookkeeping and transport, not computation)
+# (parallel.*: how the same computation is spread over ranks; configs written before the section hold none)
 RESUME_SAFE = {"steps", "out_dir", "ckpt_every", "image_every", "rollout_every", "eval_size", "eval_batch",
-               "reward.workers", "reward.verifier", "reward.timeout", "reward.concurrency"}
+               "reward.workers", "reward.verifier", "reward.timeout", "reward.concurrency", "parallel.strategy",
+               "parallel.cpu_offload", "parallel.param_dtype", "parallel.reduce_dtype", "parallel.bucket_mb",
+               "parallel.timeout_s"}
 
 
 class PromptStream:
@@ -154,21 +164,43 @@ def _apply_optim_changes(optimizer, cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool = False, overwrite: bool = False,
           allow_config_change: bool = False, resume_or_start: bool = False, reward: Optional[DVReward] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None):
+          on_step: Optional[Callable[[int, dict], None]] = None, progress: Optional[bool] = None):
     """Run ``cfg.steps`` GRPO steps (continuing from the run's latest checkpoint when ``resume``). Returns
     ``(per-step metrics, trained policy)``. Writes ``config.json``, ``metrics.jsonl``, TensorBoard logs and
     checkpoints to ``run_dir``. ``policy``: start from this one instead of loading ``cfg.model``; ``reward``: use
-    this instead of building ``reward.verifier``."""
-    run_dir = Path(run_dir)
-    rank, nworld = dist_info()
-    state = prepare_run(run_dir, cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
-                        resume_or_start=resume_or_start)
-    if state is not None:
-        policy = load_policy(cfg.model, cfg.device, path=str(state["policy_path"]), world=world)
-    elif policy is None:
+    this instead of building ``reward.verifier``; ``progress``: a progress bar (default: on rank 0 when stderr is a
+    terminal). Under torchrun (``WORLD_SIZE`` > 1) every rank calls this."""
+    env = par_.init_distributed(cfg.device, cfg.parallel.timeout_s)
+    try:
+        return _train(cfg, world, Path(run_dir), env, policy=policy, resume=resume, overwrite=overwrite,
+                      allow_config_change=allow_config_change, resume_or_start=resume_or_start, reward=reward,
+                      on_step=on_step, progress=progress)
+    finally:
+        par_.shutdown(env)
+
+
+def _load_start(cfg, world, state, policy):
+    """The policy a run starts or resumes from (before any sharding)."""
+    if state is not None and state["policy_path"] is not None:
+        return load_policy(cfg.model, cfg.device, path=str(state["policy_path"]), world=world)
+    if state is not None:       # an FSDP checkpoint: the starting policy, then the trainable weights from dcp/
         policy = load_policy(cfg.model, cfg.device, world=world)
-    if state is None and cfg.lora.rank > 0:     # a resumed run's policy comes back with its adapters
+        if cfg.lora.rank > 0:
+            enable_lora(policy, cfg)
+        return policy
+    policy = policy if policy is not None else load_policy(cfg.model, cfg.device, world=world)
+    if cfg.lora.rank > 0:
         enable_lora(policy, cfg)
+    return policy
+
+
+def _train(cfg, world, run_dir, env, *, policy, resume, overwrite, allow_config_change, resume_or_start, reward,
+           on_step, progress):
+    rank, nworld = env.rank, env.world
+    state = par_.first_on_rank0(lambda: prepare_run(
+        run_dir, cfg, resume=resume, overwrite=overwrite and rank == 0, allow_config_change=allow_config_change,
+        resume_or_start=resume_or_start))
+    policy = _load_start(cfg, world, state, policy)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     reward = reward if reward is not None else build_reward(cfg, world)
     anchored = (cfg.loss.beta_text > 0 or cfg.loss.beta_image > 0) and not getattr(policy, "lora", None)
@@ -183,26 +215,35 @@ def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool =
     if anchored and state is None and rank == 0:
         atomic_dir(run_dir / "reference", lambda tmp: trainer.ref_policy.save_pretrained(tmp))
     stream = PromptStream(world.train, cfg.seed, rank, nworld)
+    distributed_ckpt = par_.uses_dcp(trainer.parallel)
     start = 0
     if state is not None:
-        trainer.load_state_dict(state)
-        stream.load(state["data"])
+        if state.get("dcp"):
+            stream.load(load_distributed(state, par_.trainable_root(policy), trainer))
+        else:
+            trainer.load_state_dict(state)
+            stream.load(state["data"])
         start = int(state["step"])
         if state["config_changes"]:
             _apply_optim_changes(trainer.optimizer, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json())
         if state is not None and state["config_changes"]:
             with open(run_dir / "config_changes.jsonl", "a") as f:
                 f.write(json.dumps({"step": start, "time": time.time(),
                                     "changes": {k: list(v) for k, v in state["config_changes"].items()}}) + "\n")
+        if nworld > 1:
+            log.info("data-parallel run: %d ranks, strategy %s, %d prompts x %d samples per rank and step",
+                     nworld, trainer.parallel.name, cfg.prompts_per_step, cfg.group_size)
     logger = MetricsLogger(run_dir, resume_step=start if state is not None else None) if rank == 0 else None
+    bar = _progress(cfg, start, rank, progress)
     history = []
     try:
         for step in range(start + 1, cfg.steps + 1):
             result = trainer.step(stream.next(cfg.prompts_per_step))
             m = result.metrics
+            m.update(par_.global_throughput(m, cfg.device))
             history.append(m)
             if logger:
                 log.info(format_step(step, m))
@@ -211,15 +252,50 @@ def train(cfg: TrainConfig, world, run_dir: Path, *, policy=None, resume: bool =
                     logger.images("rollout", step, result.chunks[0].images)
                 if cfg.rollout_every and step % cfg.rollout_every == 0:
                     save_rollout(run_dir, step, result)
+            if bar is not None:
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", sps=f"{m['samples_per_s_total']:.1f}")
+                bar.update(1)
             if on_step:
                 on_step(step, m)
-            if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps) and rank == 0:
-                save_checkpoint(run_dir, step, policy, {**trainer.state_dict(), "data": stream.state()}, cfg)
+            if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+                data = stream.state()
+                if distributed_ckpt:
+                    save_distributed(run_dir, step, policy, par_.trainable_root(policy), trainer, data, cfg,
+                                     export_policy=trainer.parallel.name == "replicate")
+                elif rank == 0:
+                    save_checkpoint(run_dir, step, policy, {**trainer.state_dict(), "data": data}, cfg)
     finally:
         trainer.close()
         if logger:
             logger.close()
+        if bar is not None:
+            bar.close()
     return history, policy
+
+
+def _progress(cfg, start: int, rank: int, progress: Optional[bool]):
+    """A tqdm bar over the run's steps on rank 0, when asked or when stderr is a terminal (and tqdm exists)."""
+    if rank != 0 or not (progress if progress is not None else sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def export_policy(checkpoint, out, world=None) -> Path:
+    """Write the policy of a trainer checkpoint (a run folder, its checkpoints folder or one step folder) into the
+    policy folder ``out`` with the policy's ``save_pretrained``, in one process. For FSDP checkpoints, whose ranks
+    never hold the whole policy: the starting policy (``model.path``, LoRA as configured) plus the trained weights
+    from ``dcp/``."""
+    state = load_checkpoint(Path(checkpoint))
+    cfg = from_dict(state["config"])
+    policy = _load_start(cfg, world, state, None)
+    if state.get("dcp"):
+        load_weights_distributed(state, par_.trainable_root(policy))
+    policy.save_pretrained(Path(out))
+    return Path(out)
 
 
 def config_from_checkpoint(path) -> TrainConfig:

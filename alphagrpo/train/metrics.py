@@ -65,13 +65,20 @@ def format_step(step: int, m: dict) -> str:
     """The fixed one-line step log."""
     def g(k, fmt="{:.3f}"):
         return fmt.format(m[k]) if k in m else "-"
-    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else _rss_gib()
+    mem = m.get("peak_mem_gib_max")          # the largest rank's peak, when the run loop gathered it
+    if mem is None:
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else _rss_gib()
+    sps = m.get("samples_per_s_total", m.get("samples_per_s"))
     return (f"step {step:4d} | reward {g('reward_mean')} ± {g('reward_std')} | think {g('think_rate', '{:.2f}')} "
             + (f"impr {g('improved_frac', '{:.2f}')} " if "improved_frac" in m else "") + f"| loss img {g('loss_image', '{:+.4f}')} "
             f"txt {g('loss_text', '{:+.4f}')} | clip img {g('clip_image', '{:.2f}')} txt {g('clip_text', '{:.2f}')} "
             f"| ratio txt {g('ratio_text', '{:.4f}')} img|r-1|max {g('ratio_image_max', '{:.1e}')} "
             f"| gnorm {g('grad_norm')} | t roll {g('time_rollout', '{:.1f}')}s wait {g('time_reward_wait', '{:.1f}')}s "
-            f"train {g('time_train', '{:.1f}')}s | {g('samples_per_s', '{:.1f}')} samp/s | mem {mem:.2f}GiB"
+            f"train {g('time_train', '{:.1f}')}s"
+            + (f" comm {m['time_comm']:.2f}s" if m.get("world_size", 1) > 1 else "")
+            + f" | {'-' if sps is None else f'{sps:.1f}'} samp/s"
+            + (f" ({m['world_size']} ranks, slowest {m['samples_per_s_rank_min']:.1f})" if m.get("world_size", 1) > 1
+               else "") + f" | mem {mem:.2f}GiB"
             + (f" | kl txt {g('kl_text', '{:.1e}')} img {g('kl_image', '{:.1e}')}" if "kl_text" in m or "kl_image" in m
                else "") + (" | SKIP" if m.get("skipped") else ""))
 

@@ -14,7 +14,9 @@ copy (made here, or the run's saved one on resume).
 SRR (RECIPE section 7, pieces in ``alphagrpo.train.srr``): stage 1 draws M ODE samples per prompt without think and
 keeps the worst; stage 2 draws G refinements with think under the refinement CFG (``cfg_refine``) and a 40-step
 sampler whose 5-step window starts in [0, 10]; FPR before advantages; skip when nothing improved.
-Several ranks: per-rank generators, rewards gathered for the std, prompts sharded by the run loop.
+Several ranks (``alphagrpo.train.parallel``): per-rank generators, rewards gathered for the std, the skip decision
+taken on all ranks' advantages, prompts sharded by the run loop; the strategy (``parallel``: replicate or FSDP2)
+gathers parameters for the rollout, synchronises gradients after the last backward and clips by the global norm.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from alphagrpo.sampler import sample_flow, sample_sde_window
 from alphagrpo.train import srr as S
 from alphagrpo.train.config import TrainConfig
 from alphagrpo.train.dist import dist_info, gather_all
+from alphagrpo.train.parallel import make_parallel
 from alphagrpo.train.metrics import thought
 
 log = logging.getLogger(__name__)
@@ -87,10 +90,12 @@ class GRPOTrainer:
     """Runs GRPO steps for a ``Policy`` with a ``DVReward``. ``data`` yields prompt records (dicts)."""
 
     def __init__(self, policy: Policy, reward: DVReward, cfg: TrainConfig, *, generator: torch.Generator,
-                 ref_policy: Optional[Policy] = None):
+                 ref_policy: Optional[Policy] = None, parallel=None):
         """``ref_policy``: the KL anchor of a full fine-tuning run when ``loss.beta_text`` or ``loss.beta_image``
         > 0 (default: a frozen copy of ``policy`` as it is now; a resumed run passes its starting weights). A LoRA
-        run's anchor is ``policy.reference()``; unused when both betas are 0."""
+        run's anchor is ``policy.reference()``; unused when both betas are 0. ``parallel``: the data-parallel
+        strategy (default: the one ``cfg.parallel`` names); it is set up on ``policy`` here, before the optimizer
+        sees the parameters (FSDP replaces them by sharded ones)."""
         self.policy, self.reward, self.cfg, self.gen = policy, reward, cfg, generator
         self.think = has_think(policy)
         if cfg.task in ("srr", "mixed"):
@@ -105,6 +110,8 @@ class GRPOTrainer:
                 self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
                 for p in self.ref_policy.trainable_parameters():
                     p.requires_grad_(False)
+        self.parallel = parallel if parallel is not None else make_parallel(cfg, cfg.device)
+        self.parallel.setup(policy)
         params = list(policy.trainable_parameters())
         if not params:
             raise ValueError(f"{type(policy).__name__} has no trainable parameters")
@@ -193,9 +200,10 @@ class GRPOTrainer:
                     zeros = torch.zeros(len(ref.cu_seqlens) - 1, device=self.device)
                     logp_ref = kernels.ar_grpo_loss(ref.hidden, ref.weight, ref.targets, logp_old, zeros,
                                                     ref.cu_seqlens)[1]["logp"]
+            host = {"cu_seqlens_host": rep.cu_seqlens_host} if getattr(rep, "cu_seqlens_host", None) else {}
             loss_t, m = kernels.ar_grpo_loss(rep.hidden, rep.weight, rep.targets, logp_old, adv,
                                              rep.cu_seqlens, level=lc.text_level, clip_low=lc.clip_low,
-                                             clip_high=lc.clip_high, beta=lc.beta_text, logp_ref=logp_ref)
+                                             clip_high=lc.clip_high, beta=lc.beta_text, logp_ref=logp_ref, **host)
             (lc.text_weight * loss_t * weight).backward()
             stats.add("loss_text", loss_t.item(), n)
             stats.add("clip_text", m["clip_frac"].item(), n)
@@ -238,6 +246,22 @@ class GRPOTrainer:
             a += n
         return stats
 
+    def update(self, chunks, adv: torch.Tensor, stats: Optional[StepStats] = None) -> dict:
+        """One optimizer step on this rank's ``chunks`` with advantages ``adv``: backward, gradient synchronisation
+        across ranks, clipping by the global norm, AdamW. Returns the grad norm and the time split."""
+        t = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        self.backward(chunks, adv, stats)
+        t1 = time.perf_counter()
+        self.parallel.sync_grads(self.params)
+        t2 = time.perf_counter()
+        t["grad_norm"] = self.parallel.clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        t.update({"time_replay": t1 - t0, "time_comm": t2 - t1, "time_optimizer": t3 - t2})
+        return t
+
     # ------------------------------------------------------------------ one step
     def step(self, records: Sequence[dict]) -> StepResult:
         """One GRPO step on ``records`` (this rank's prompts)."""
@@ -245,7 +269,8 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         srr = c.task == "srr" or (c.task == "mixed" and
                                  float(torch.rand((), generator=self.gen)) < c.srr.mix)
-        chunks, recs, gids, init = self.rollout(records, srr=srr)
+        with self.parallel.gathered():      # FSDP: parameters gathered once for the whole rollout
+            chunks, recs, gids, init = self.rollout(records, srr=srr)
         t1 = time.perf_counter()
         results: list[RewardResult] = [ro.reward_future.result() for ro in chunks]
         t2 = time.perf_counter()
@@ -265,17 +290,18 @@ class GRPOTrainer:
             metrics["improved_frac"] = float((raw > init).float().mean())
             metrics["init_reward"] = float(init.mean())
         stats = StepStats()
-        skipped = bool((adv_all == 0).all())
-        self.optimizer.zero_grad(set_to_none=True)
+        skipped = bool((adv_all == 0).all())    # all ranks' advantages: every rank takes the same decision
+        times = {"time_replay": 0.0, "time_comm": 0.0, "time_optimizer": 0.0}
         if not skipped:
-            self.backward(chunks, adv, stats)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.optim.grad_clip)
-            self.optimizer.step()
-            metrics["grad_norm"] = float(grad_norm)
+            times.update(self.update(chunks, adv, stats))
+            metrics["grad_norm"] = times.pop("grad_norm")
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         metrics.update(stats.mean())
         metrics.update({"skipped": int(skipped), "time_rollout": t1 - t0, "time_reward_wait": t2 - t1,
-                        "time_train": t3 - t2, "samples_per_s": rewards.numel() / max(t3 - t0, 1e-9)})
+                        "time_train": t3 - t2, **times, "time_step": t3 - t0,
+                        "samples_per_s": rewards.numel() / max(t3 - t0, 1e-9)})
         return StepResult(metrics=metrics, chunks=chunks, records=recs, scores=results, rewards=raw,
                           rectified=rewards, init=init, advantages=adv.detach().cpu())
 

@@ -51,6 +51,8 @@ def read_jsonl(path) -> list[dict]:
 def read_records(path) -> list[dict]:
     """``read_jsonl`` with the file's own errors turned into ones that name the setting."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; give the JSONL file of prompt records itself")
     if not p.is_file():
         raise FileNotFoundError(f"no prompt file at {p} (a JSONL of records in the authors' schema)")
     return read_jsonl(p)

@@ -112,6 +112,14 @@ class NativeVerifier:
         return cls(VLBundle.from_pretrained(path, dtype, device, attn_implementation, system_prompt), **kwargs)
 
     # ---- public ----------------------------------------------------------------------------------------------------
+    def image_spec(self):
+        """The image processor's limits and resize rule (see ``VLBundle.image_spec``), for the server."""
+        return self.bundle.image_spec()
+
+    def check_question(self, question: str) -> None:
+        """Refuse text the tokenizer would read as special tokens (see ``VLBundle.check_question``), for the server."""
+        self.bundle.check_question(question)
+
     def score(self, images: Sequence[Any], question_lists: Sequence[Sequence[str]],
               expected_answers: Sequence[Sequence[str | None]] | None = None) -> list[list[float]]:
         expected, out, keep, pre = self.bundle.prepare(images, question_lists, expected_answers)

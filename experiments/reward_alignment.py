@@ -1,6 +1,6 @@
 """Does a reward rank a GRPO group the way the ground truth does?
 
-    python -m bench.reward_alignment [--prompts 64] [--group 8] [--out bench/results/reward_alignment_cpu.json]
+    python -m experiments.reward_alignment [--prompts 64] [--group 8] [--out experiments/results/reward_alignment_cpu.json]
 
 From a checkpoint (default: the shipped TinyUMM), draw ``--group`` samples (think text at temperature 1, ODE
 images) for each of ``--prompts`` RL prompts, judge each image with the world's strict judge (the evaluation's
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("train", "test"), default="train", help="RL prompts (default) or held-out")
-    p.add_argument("--out", default="bench/results/reward_alignment_cpu.json")
+    p.add_argument("--out", default="experiments/results/reward_alignment_cpu.json")
     args = p.parse_args(argv)
 
     t0 = time.time()
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         report["rewards"][name] = {"pairwise_agreement": agree, "pairs": pairs, "correct_advantage": adv}
         print(f"{name:<22}{agree:>10.3f}{pairs:>8d}{adv:>14.3f}")
     report["minutes"] = (time.time() - t0) / 60
-    report["command"] = "python -m bench.reward_alignment " + " ".join(argv or [])
+    report["command"] = "python -m experiments.reward_alignment " + " ".join(argv or [])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

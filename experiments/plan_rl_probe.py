@@ -1,7 +1,7 @@
 """Can GRPO on the think text alone fix a checkpoint's plans, given a noise-free reward?
 
-    python -m bench.plan_rl_probe --checkpoint DIR [--steps 300] [--lr 3e-4] [--prompts 8] [--group 8]
-                                  [--level sequence] [--out bench/results/plan_rl_probe_cpu.json]
+    python -m experiments.plan_rl_probe --checkpoint DIR [--steps 300] [--lr 3e-4] [--prompts 8] [--group 8]
+                                  [--level sequence] [--out experiments/results/plan_rl_probe_cpu.json]
 
 The reward of a sampled think text is 1 when the layout it states satisfies the prompt (``World.plan_ok``), else 0:
 no image is drawn, so there is no drawing noise and a step costs only the text. GRPO (group advantages, the text
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--rl-eval-n", type=int, default=256, help="RL prompts scored before and after")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-per-task", type=int, default=40, help="RL prompts per task type (the recipe's: 40)")
-    p.add_argument("--out", default="bench/results/plan_rl_probe_cpu.json")
+    p.add_argument("--out", default="experiments/results/plan_rl_probe_cpu.json")
     a = p.parse_args(argv)
     cfg = get_recipe("tiny_shapes")
     cfg.data.test_size = max(cfg.data.test_size, a.eval_n)

@@ -8,7 +8,7 @@ Accumulates the trainer's gradient (the same replay and losses as ``GRPOTrainer.
 - a random-sign control of the same per-weight size, ``theta + lr * sign(noise)``, for each ``--random-lrs``.
 Scored on the prompts the gradient came from (``same``) and on as many held-out prompts (``held_out``).
 
-    python -m bench.rl_step_probe --which image --out bench/results/rl_step_probe_cpu.json
+    python -m experiments.rl_step_probe --which image --out experiments/results/rl_step_probe_cpu.json
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Can GRPO raise accuracy on the prompts it trains on? The overfit check of an RL set-up.
 
-    python -m bench.rl_overfit --out runs/overfit [--per-task 1] [--samples 8] [KEY=VALUE ...]
+    python -m experiments.rl_overfit --out runs/overfit [--per-task 1] [--samples 8] [KEY=VALUE ...]
 
 Trains the ``tiny_shapes`` recipe (with the given overrides) on a small RL set, ``--per-task`` prompts per task type
 (19 with the default 1), so that 40 steps of 8 prompts revisit each about 17 times, and evaluates the strict-judge
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     res = {"bench": "rl_overfit", "overrides": args.overrides, "prompts": len(world.train),
            "samples_each": args.samples, "steps": len(history), "before": before, "after": after,
            "minutes": round((time.time() - t0) / 60, 2),
-           "command": "python -m bench.rl_overfit " + " ".join(sys.argv[1:] if argv is None else argv)}
+           "command": "python -m experiments.rl_overfit " + " ".join(sys.argv[1:] if argv is None else argv)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "overfit.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

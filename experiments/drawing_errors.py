@@ -1,6 +1,6 @@
 """Where does the generator fail when the plan is right?
 
-    python -m bench.drawing_errors [--checkpoint DIR] [--n 256] [--out bench/results/drawing_errors_cpu.json]
+    python -m experiments.drawing_errors [--checkpoint DIR] [--n 256] [--out experiments/results/drawing_errors_cpu.json]
 
 For ``--n`` held-out prompts, a right plan of the world's own (a satisfying scene, as ``alphagrpo eval
 --oracle-plans`` draws from) is given to the model as its think text and drawn with the evaluation's ODE sampler.
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="TinyUMM checkpoint folder (default: the shipped one)")
     p.add_argument("--n", type=int, default=256, help="held-out prompts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results/drawing_errors_cpu.json")
+    p.add_argument("--out", default="experiments/results/drawing_errors_cpu.json")
     args = p.parse_args(argv)
     if args.n < 1:
         raise SystemExit("--n must be >= 1")
