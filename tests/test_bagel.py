@@ -455,3 +455,23 @@ def test_image_sizes_follow_the_official_resize_rule():
     assert fit_size(300, 200, 1024, 512, 16) == (768, 512)      # short side raised to the minimum
     assert fit_size(300, 200, 980, 224, 14) == (336, 224)
     assert fit_size(4000, 1000, 1024, 512, 16) == (1024, 256)   # long side capped, short side follows
+
+
+def test_fsdp2_over_the_decoder_layers_and_the_root_gives_the_one_process_gradients(folder, tmp_path):
+    """Two gloo ranks shard the tiny BAGEL with the training loop's FSDP2 strategy (layers, then the root entered
+    through ``alphagrpo_call``), sample think text through it, then replay: the loss and every LoRA gradient equal
+    the unsharded ones. (Without the root's registered method the first embedding call fails on sharded weights.)"""
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _bagel_workers import fsdp_worker, lora_loss_and_grads
+    loss, grads = lora_loss_and_grads(str(folder), shard=False)
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(folder), str(tmp_path / "r0.pt")), nprocs=2,
+             join=True)
+    got = torch.load(tmp_path / "r0.pt", weights_only=False)
+    assert len(grads) == 56 and got["grads"].keys() == grads.keys()
+    assert got["loss"] == loss
+    for k, g in grads.items():
+        torch.testing.assert_close(got["grads"][k], g, rtol=1e-5, atol=1e-7)

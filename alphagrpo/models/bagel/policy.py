@@ -423,9 +423,10 @@ class BagelPolicy(PolicyBase):
             pos.append(torch.arange(c.rope, c.rope + len(seq)))
         lens = [len(t) for t in think]
         h = self._forward(ctx, self._embed_ids(ids), lens, torch.cat(pos), mode="und", causal=True, update=False)
-        cu = torch.tensor([0] + lens, dtype=torch.long).cumsum(0).to(self.device)
+        host = torch.tensor([0] + lens, dtype=torch.long).cumsum(0)
         targets = torch.cat([torch.as_tensor(t, dtype=torch.long) for t in think]).to(self.device)
-        return TextReplay(hidden=h, weight=self._root(lambda: self.lm.lm_head.weight), targets=targets, cu_seqlens=cu)
+        return TextReplay(hidden=h, weight=self._root(lambda: self.lm.lm_head.weight), targets=targets,
+                          cu_seqlens=host.to(self.device), cu_seqlens_host=host.tolist())
 
     # ------------------------------------------------------------------ image
     @staticmethod
