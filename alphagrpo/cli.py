@@ -1,4 +1,4 @@
-"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,ablate,data} ...``.
+"""``alphagrpo`` command line: ``alphagrpo {demo,pretrain,train,eval,refine,ablate,data,generate,score} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; this file only
 wires them, so importing it does no work and a command's heavy imports happen when it runs.
@@ -18,7 +18,9 @@ COMMANDS = {
     "eval": ("alphagrpo.commands.eval", "held-out accuracy and mean DVReward of a policy"),
     "refine": ("alphagrpo.commands.refine", "inference-time self-reflective refinement on held-out prompts"),
     "ablate": ("alphagrpo.commands.ablate", "the paper's ablations (FPR, scoring, reward) in the shapes world"),
-    "data": ("alphagrpo.commands.data", "synthesize prompt data and check the programmatic verifier"),
+    "data": ("alphagrpo.commands.data", "synthesize prompt data, decompose prompts with an LLM, check the verifier"),
+    "generate": ("alphagrpo.commands.generate", "sample a benchmark (GenEval, TIIF, DPG, WISE, prompts) in its layout"),
+    "score": ("alphagrpo.commands.score", "yes/no-question scores of a generated benchmark folder by any judge"),
 }
 
 

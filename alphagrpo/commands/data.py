@@ -3,6 +3,7 @@
     alphagrpo data synth --world shapes [--n-per-task 500] [--n-test 1024] [--out data/shapes_train.jsonl] [--seed 0]
     alphagrpo data verifier-accuracy [--n 100] [--seed 0] [--resolution 32]
                                      [--out bench/results/shapes_verifier_accuracy.json]
+    alphagrpo data decompose --llm http://HOST:PORT --model NAME --in PROMPTS --out FILE.jsonl
 
 Each prints a human table and, last, one JSON line for scripts.
 """
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resolution", type=int, default=32, help="render resolution in pixels (default 32)")
     a.add_argument("--out", default=DEFAULT_ACCURACY, help=f"results JSON (default {DEFAULT_ACCURACY})")
+    from alphagrpo.commands import decompose
+    decompose.add_arguments(sub.add_parser("decompose", help="free prompts -> yes/no questions in the authors' "
+                                           "schema, by an LLM (OpenAI-compatible server)"))
 
 
 def _progress(total: int, desc: str):
@@ -115,4 +119,7 @@ def _accuracy(args) -> int:
 def run(args) -> int:
     if args.data_command == "synth":
         return _synth(args)
+    if args.data_command == "decompose":
+        from alphagrpo.commands import decompose
+        return decompose.run(args)
     return _accuracy(args)

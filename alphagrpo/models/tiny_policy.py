@@ -431,12 +431,20 @@ SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "tinyumm_shapes"
 
 
 def load_tiny_umm(model, path: Optional[str], device: str) -> TinyUMMPolicy:
-    """``model.kind=tiny_umm``: a TinyUMM checkpoint folder (default: the one shipped in the package)."""
+    """``model.kind=tiny_umm``: a TinyUMM checkpoint folder (default: the one shipped in the package).
+    ``model.options``: ``unknown_words=unk`` (or a vocabulary word) maps words outside the vocabulary to one token
+    instead of refusing them (see ``WordTokenizer``); off by default."""
     p = Path(path) if path else SHIPPED
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}; run `alphagrpo pretrain --recipe tiny_shapes --out {p}` "
                                 "or set model.path to a TinyUMM checkpoint folder")
+    opts = model.option_dict() if hasattr(model, "option_dict") else {}
+    unknown_opts = sorted(set(opts) - {"unknown_words"})
+    if unknown_opts:
+        raise ValueError(f"model.options {unknown_opts} are not TinyUMM options; it reads unknown_words=unk")
     pol = TinyUMMPolicy.from_pretrained(p)
+    if opts.get("unknown_words"):
+        pol.tok = WordTokenizer.from_json(pol.tok.to_json(), pol.tok.split, unknown=opts["unknown_words"])
     if model.dtype != "float32":
         pol.model.to(getattr(torch, model.dtype))
     pol.model.to(device)
