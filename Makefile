@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=69" wheel
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -21,6 +21,7 @@ $(STAMP): setup.py pyproject.toml
 	  $(PY) -m pip install -q "torch==$(TORCH)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps nemo-automodel==0.7.0 einops
 	touch $(STAMP)
 
 demo: setup

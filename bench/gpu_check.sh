@@ -11,6 +11,8 @@
 # After 3, the SD3 throughput check (python -m bench.sd3_smoke --random-shape: a randomly initialised transformer of
 #   SD3.5-Medium's shape, no weights needed; timeout 90 s, outside the budget above; "skipped" without diffusers/peft;
 #   SKIP_SD3=1 skips it).
+# Then, only where nemo-automodel and peft import, the BAGEL cost check (bench.bagel_smoke --random 7b, 120 s more;
+# SKIP_BAGEL=1 skips it).
 # The kernel table is printed last. Each step has its own timeout; a failing step does not stop the others.
 # Between 2 and 3, when the interpreter imports tensorrt_llm: the trtllm backend check (python -m bench.trtllm_check:
 #   agreement with hf, repeat from the KV cache, image hashing, throughput next to native; TRTLLM_MODEL=/ckpt to use
@@ -125,7 +127,18 @@ if [ "${SKIP_SD3:-0}" != 1 ]; then
   fi
 fi
 
-log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, trtllm check rc=$RC_TRTLLM, kernels rc=$RC_KERNELS, sd3 rc=$RC_SD3 (outputs in $OUT_DIR)"
+RC_BAGEL="skipped (no nemo-automodel/peft: pip install --no-deps nemo-automodel==0.7.0 einops; pip install peft)"
+if [ "${SKIP_BAGEL:-0}" = 1 ]; then
+  RC_BAGEL="not run (SKIP_BAGEL=1)"
+elif "$PY" -c "import nemo_automodel.components.models.bagel, peft" > /dev/null 2>&1; then
+  log "BAGEL-7B-MoT-shaped random model: rollout/replay cost, G=14 peak memory, drift (timeout 120 s)"
+  timeout 120 "$PY" -m bench.bagel_smoke --random 7b --think-tokens 128 --out "$OUT_DIR/bagel_random.json" \
+    > "$OUT_DIR/bagel_random.txt" 2>&1
+  RC_BAGEL=$?
+  grep -v '^{' "$OUT_DIR/bagel_random.txt" | tail -n 6
+fi
+
+log "done: tests rc=$RC_TESTS, verifier rc=$RC_VERIFIER, trtllm check rc=$RC_TRTLLM, kernels rc=$RC_KERNELS, sd3 rc=$RC_SD3, bagel rc=$RC_BAGEL (outputs in $OUT_DIR)"
 tail -n 3 "$OUT_DIR/kernels.stderr.txt" 2>/dev/null
 if [ -s "$OUT_DIR/kernels.txt" ]; then
   tail -n 1 "$OUT_DIR/kernels.txt"                                 # the JSON line

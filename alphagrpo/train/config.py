@@ -409,3 +409,45 @@ def sd35m_flowgrpo() -> TrainConfig:
     c.optim = OptimConfig(lr=3e-4, weight_decay=1e-4)
     c.lora = LoRAConfig(rank=32, alpha=64.0, targets=("joint_attention",))
     return c
+
+
+# ---------------------------------------------------------------- BAGEL-7B-MoT (model.kind=bagel; docs/bagel.md)
+# The paper's setup (RECIPE.md sections 2, 3, 6, 8) on a local BAGEL-7B-MoT folder (--set model.path=...), prompts in
+# the authors' JSONL schema (--set data.train_file=...) and a yes/no verifier server (reward.verifier). Step counts
+# are the authors': their BAGEL sampler's num_timesteps=16 / 40 are 16 / 40 grid points, i.e. 15 / 39 steps here
+# (sampler.num_steps counts steps). Not from the paper (it does not say): steps, max_think_tokens, M.
+
+def _bagel(recipe: str) -> TrainConfig:
+    c = TrainConfig(recipe=recipe, steps=200, prompts_per_step=32, group_size=14, micro_batch=14,
+                    max_think_tokens=512, device="cuda", ckpt_every=10, image_every=10)
+    c.model = ModelConfig(kind="bagel", dtype="bfloat16", gradient_checkpointing=True, attention="auto")
+    c.sampler = SamplerConfig(num_steps=15, shift=3.0, noise_level=0.7, window=10, window_starts=(0, 1),
+                              eval_steps=39)
+    c.cfg = CFGConfig(text_scale=4.0, low=0.4, high=1.0, renorm=True)              # global renorm
+    c.cfg_refine = CFGConfig(text_scale=4.0, image_scale=2.0, low=0.0, high=1.0, renorm=True)  # per text channel
+    c.lora = LoRAConfig(rank=32, alpha=64.0)
+    c.optim = OptimConfig(lr=5e-5, weight_decay=1e-4)
+    c.data = DataConfig(world="jsonl")
+    c.reward.verifier = "openai:Qwen3-VL-30B-A3B-Instruct@http://127.0.0.1:30000"
+    return c
+
+
+@register_recipe
+def bagel_rt2i() -> TrainConfig:
+    """RT2I on BAGEL-7B-MoT as the paper ran it: 32 prompts x G = 14, think text then a 16-grid-point (15-step)
+    sampler whose first 10 steps (window start 0 or 1) are SDE steps, CFG 4 on (0.4, 1] with the global renorm,
+    LoRA r32/alpha64 on every attention and MLP projection of both experts, AdamW 5e-5, lambda = 1 (the code's RT2I
+    setting)."""
+    return _bagel("bagel_rt2i")
+
+
+@register_recipe
+def bagel_srr() -> TrainConfig:
+    """Self-reflective refinement with FPR on BAGEL-7B-MoT: stage 1 keeps the worst of M = 4 ODE samples (40 grid
+    points), stage 2 draws 14 refinements with think over 39 steps with a 5-step SDE window starting in [0, 10],
+    text CFG 4 and image CFG 2 on [0, 1] with the per-text-channel renorm; lambda = 0.2."""
+    c = _bagel("bagel_srr")
+    c.task = "srr"
+    c.srr = SRRConfig(initial_samples=4, num_steps=39, window=5, window_starts=tuple(range(0, 11)))
+    c.loss.text_weight = 0.2
+    return c
