@@ -186,18 +186,22 @@ def test_torchrun_command_line_trains_with_two_verifier_servers(tmp_path):
     micro_policy(0).save_pretrained(micro)
     counts: dict = {}
     with serve_in_thread(_counting_server(counts, "a")) as a, serve_in_thread(_counting_server(counts, "b")) as b:
-        p = _torchrun(_cli_sets(tmp_path, micro) + ["--set", f"reward.verifier={a},{b}", "--set",
-                      "parallel.strategy=fsdp", "--set", "lora.rank=2", "--steps", "2", "--out", str(tmp_path / "run")],
-                      tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+        args = _cli_sets(tmp_path, micro) + ["--set", f"reward.verifier={a},{b}", "--set", "parallel.strategy=fsdp",
+                                             "--set", "lora.rank=2", "--out", str(tmp_path / "run")]
+        p = _torchrun(args + ["--steps", "2"], tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        counted = dict(counts)
+        resumed = _torchrun(args + ["--steps", "3", "--resume"], tmp_path)    # a LoRA run resumes on 2 ranks
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    counts = counted
     last = json.loads(p.stdout.strip().splitlines()[-1])
     assert last["steps"] == 2
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]                     # rank 0 alone writes the metrics
+    assert [r["step"] for r in rows] == [1, 2, 3]                  # rank 0 alone writes the metrics, once per step
     assert rows[-1]["world_size"] == 2 and rows[-1]["samples_total"] == 16 and len(rows[-1]["peak_mem_gib_ranks"]) == 2
     assert counts.get("a", 0) > 0 and counts.get("b", 0) > 0, counts
     assert counts["a"] + counts["b"] == 2 * 16                     # 2 steps x 2 ranks x 8 samples, each scored once
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     from torch.distributed.checkpoint import FileSystemReader
     dcp_dir = tmp_path / "run" / "checkpoints" / "step_000002" / "dcp"
     keys = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata

@@ -150,7 +150,7 @@ def load_distributed(state: dict, module, trainer) -> dict:
     size the weights and optimizer load exactly; the prompt shards and random streams are this world's (logged)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     from alphagrpo.train.dist import dist_info
     rank, world = dist_info()
@@ -162,8 +162,14 @@ def load_distributed(state: dict, module, trainer) -> dict:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(sd, checkpoint_id=str(ck / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True),
                  no_dist=world == 1)
-    set_state_dict(module, trainer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=opts)
+    missing = _frozen_names(module)   # a LoRA run saved its adapters only: the base stays as model.path loaded it
+    load_opts = StateDictOptions(ignore_frozen_params=True, strict=not missing)
+    result = set_state_dict(module, trainer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                            options=load_opts)
+    lost = [k for k in (getattr(result, "missing_keys", None) or []) if k not in missing]
+    if lost:
+        raise ValueError(f"checkpoint {ck} lacks trainable weights {lost[:4]}: it was written by another model or "
+                         "LoRA setting")
     saved_world = int(state.get("world_size", 1))
     mine = ck / f"rank{rank:05d}.pt"
     if saved_world == world and mine.is_file():
@@ -178,6 +184,16 @@ def load_distributed(state: dict, module, trainer) -> dict:
     data = dict(state.get("data") or {"epoch": 0, "cursor": 0})
     data["cursor"] = int(data.get("cursor", 0)) * saved_world // world   # the prompts consumed, re-divided
     return data
+
+
+def _frozen_names(module) -> set:
+    """Fully qualified names of the frozen parameters (what a LoRA checkpoint leaves out), wrapper prefixes
+    removed as DCP's state dicts remove them."""
+    out = set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            out.add(name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""))
+    return out
 
 
 def load_weights_distributed(state: dict, module) -> None:
@@ -195,7 +211,8 @@ def load_weights_distributed(state: dict, module) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(sd, checkpoint_id=str(Path(state["path"]) / "dcp"),
                  planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=dist_info()[1] == 1)
-    set_model_state_dict(module, sd["model"], options=opts)
+    set_model_state_dict(module, sd["model"], options=StateDictOptions(ignore_frozen_params=True,
+                                                                       strict=not _frozen_names(module)))
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
