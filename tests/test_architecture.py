@@ -74,7 +74,8 @@ def test_a_plain_source_checkout_imports_alphagrpo_kernels():
 LAYERS = {  # package prefix -> layer; an import may only point to the same or a lower layer
     "alphagrpo.kernels": 0,
     "alphagrpo.sampler": 1, "alphagrpo.advantages": 1, "alphagrpo.rewards": 1, "alphagrpo.models": 1,
-    "alphagrpo.worlds": 1, "alphagrpo.verifiers": 1, "alphagrpo._deps": 1, "alphagrpo.decompose": 1,
+    "alphagrpo.worlds": 1, "alphagrpo.verifiers": 1, "alphagrpo._deps": 1, "alphagrpo._files": 1,
+    "alphagrpo.decompose": 1,
     "alphagrpo.train": 2, "alphagrpo.eval": 2, "alphagrpo.testing": 2,
     "alphagrpo.commands": 3, "alphagrpo.cli": 3,
 }

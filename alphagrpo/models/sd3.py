@@ -53,8 +53,6 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -413,13 +411,12 @@ class SD3Policy(PolicyBase):
             raise ValueError("this SD3 policy was built in memory with no base folder to point at; build it with "
                              "load_sd3 (model.path = a StableDiffusion3Pipeline folder)")
         from diffusers import StableDiffusion3Pipeline
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        os.chmod(tmp, 0o755)
+
+        from alphagrpo._files import atomic_dir
         meta = {"format": FORMAT, "base": str(Path(self.base).resolve()), "lora": self.lora,
                 "transformer": self.lora is None}
-        try:
+
+        def write(tmp: Path):
             if self.lora is not None:
                 cfg = self.transformer.peft_config["default"].to_dict()
                 StableDiffusion3Pipeline.save_lora_weights(
@@ -428,17 +425,8 @@ class SD3Policy(PolicyBase):
             else:
                 self.transformer.save_pretrained(str(tmp / "transformer"))
             (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_dir(Path(path), write)
 
     def load_adapters(self, folder: str | os.PathLike) -> None:
         """Load saved adapter weights (``LORA_FILE``) into this policy's adapters; strict both ways."""

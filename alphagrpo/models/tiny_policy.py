@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -89,36 +87,28 @@ class TinyUMMPolicy(PolicyBase):
         weights); a policy built in memory, with no base folder to point at, writes its base weights beside them."""
         from safetensors.torch import save_file
 
+        from alphagrpo._files import atomic_dir
         from alphagrpo.models.lora import adapter_config, adapter_state_dict, base_state_dict
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
         meta = {"format": FORMAT, "model": self.model.cfg.to_dict(), "tokenizer": json.loads(self.tok.to_json()),
                 **(extra or {})}
-        if self.lora is not None:
-            meta["lora"] = self.lora
-            base = str(Path(self.source).resolve()) if self.source else None
-            meta["base"] = base
-            save_file(adapter_state_dict(self.model), str(tmp / "adapter_model.safetensors"))
-            (tmp / "adapter_config.json").write_text(json.dumps(
-                adapter_config(self.model, self.lora["rank"], self.lora["alpha"], base), indent=1))
-            if base is None:
-                save_file({k: v.detach().contiguous() for k, v in base_state_dict(self.model).items()},
+
+        def write(tmp: Path):
+            if self.lora is not None:
+                meta["lora"] = self.lora
+                base = str(Path(self.source).resolve()) if self.source else None
+                meta["base"] = base
+                save_file(adapter_state_dict(self.model), str(tmp / "adapter_model.safetensors"))
+                (tmp / "adapter_config.json").write_text(json.dumps(
+                    adapter_config(self.model, self.lora["rank"], self.lora["alpha"], base), indent=1))
+                if base is None:
+                    save_file({k: v.detach().contiguous() for k, v in base_state_dict(self.model).items()},
+                              str(tmp / "model.safetensors"))
+            else:
+                save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
                           str(tmp / "model.safetensors"))
-        else:
-            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
-                      str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+            (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+
+        atomic_dir(path, write)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "TinyUMMPolicy":

@@ -26,26 +26,16 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from alphagrpo._files import atomic_dir, replace_dir  # noqa: F401  (atomic_dir: also the run loop's)
 
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT = "alphagrpo.trainer/v2"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete folder ``tmp`` at ``final`` (replacing an existing one) with renames only."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def point_latest(ck: Path, name: str) -> None:
@@ -54,20 +44,6 @@ def point_latest(ck: Path, name: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(name)
     os.replace(tmpname, ck / "latest")
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Create folder ``final`` atomically: ``write(tmp)`` fills a temporary sibling, renamed into place at the end."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is not
-    try:
-        write(tmp)
-        replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
