@@ -30,6 +30,7 @@ class GatedVerifier:
     def __init__(self, poison="poison", spec=None):
         self.poison, self.spec = poison, spec
         self.gate = threading.Event()
+        self.entered = threading.Event()   # set once the backend is busy with its first call
         self.calls = []  # (number of images, image sizes, failed?)
 
     @staticmethod
@@ -40,6 +41,7 @@ class GatedVerifier:
         return self.spec
 
     def score(self, images, question_lists):
+        self.entered.set()
         self.gate.wait(30)
         bad = [q for qs in question_lists for q in qs if self.poison in q]
         self.calls.append((len(images), [im.size for im in images], bool(bad)))
@@ -66,7 +68,7 @@ def test_a_poisoned_request_fails_alone_and_its_batch_mates_get_their_own_scores
             async with httpx.AsyncClient(timeout=30) as c:
                 blocker = asyncio.create_task(c.post(url + "/v1/score", json={"images": [encode_image(images[0])],
                                                                               "questions": [["warm up?"]]}))
-                await asyncio.to_thread(_wait_for_queue, url, 1)
+                await asyncio.to_thread(v.entered.wait, 20)   # the blocker is inside the backend, alone
                 tasks = [asyncio.create_task(c.post(url + "/v1/score", json={"images": [encode_image(im)],
                                                                              "questions": [[q]]}))
                          for im, q in zip(images, secrets)]
