@@ -44,8 +44,14 @@ class ModelConfig:
         if bad:
             raise ValueError(f"model.options are key=value strings, got {bad}")
 
-    def option_dict(self) -> dict:
-        return dict(str(o).split("=", 1) for o in self.options)
+    def option_dict(self, allowed=None, owner: str = "this policy", hint: str = "") -> dict:
+        """``model.options`` as a dict; with ``allowed``, a name outside it is an error naming ``owner``'s options."""
+        opts = dict(str(o).split("=", 1) for o in self.options)
+        unknown = sorted(set(opts) - set(allowed)) if allowed is not None else []
+        if unknown:
+            raise ValueError(f"unknown model.options {unknown}: not {owner} options; it takes {sorted(allowed)}"
+                             + (f" ({hint})" if hint else ""))
+        return opts
 
 
 def register_policy(kind: str, loader: Optional[Union[str, Loader]] = None):

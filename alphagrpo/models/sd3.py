@@ -478,11 +478,7 @@ def load_sd3(model, path: Optional[str], device: str) -> SD3Policy:
         what = f"the base pipeline folder {base} that {p} points at" if meta else str(p)
         raise FileNotFoundError(f"{what} has no model_index.json: model.path must be a StableDiffusion3Pipeline "
                                 "folder (or a folder this policy saved, whose base folder still exists)")
-    opts = model.option_dict()
-    known = {"resolution", "prompt_cache"}
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise ValueError(f"unknown model.options for sd3: {unknown}; known: {sorted(known)}")
+    opts = model.option_dict({"resolution", "prompt_cache"}, "sd3")
     dtype = getattr(torch, model.dtype)
     with warnings.catch_warnings():   # newer diffusers rename torch_dtype to dtype; both load the same
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)

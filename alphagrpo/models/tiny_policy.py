@@ -428,10 +428,7 @@ def load_tiny_umm(model, path: Optional[str], device: str) -> TinyUMMPolicy:
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}; run `alphagrpo pretrain --recipe tiny_shapes --out {p}` "
                                 "or set model.path to a TinyUMM checkpoint folder")
-    opts = model.option_dict() if hasattr(model, "option_dict") else {}
-    unknown_opts = sorted(set(opts) - {"unknown_words"})
-    if unknown_opts:
-        raise ValueError(f"model.options {unknown_opts} are not TinyUMM options; it reads unknown_words=unk")
+    opts = model.option_dict({"unknown_words"}, "TinyUMM", "unknown_words=unk")
     pol = TinyUMMPolicy.from_pretrained(p)
     if opts.get("unknown_words"):
         pol.tok = WordTokenizer.from_json(pol.tok.to_json(), pol.tok.split, unknown=opts["unknown_words"])

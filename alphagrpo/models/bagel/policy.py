@@ -658,11 +658,7 @@ def load_bagel(model, path: Optional[str], device: str) -> BagelPolicy:
     if not base.is_dir():
         raise FileNotFoundError(f"the LoRA checkpoint {p} points at its base model {base}, which is gone; restore that "
                                 "folder (adapters are saved without the base weights)")
-    options = model.option_dict() if hasattr(model, "option_dict") else {}
-    unknown = sorted(set(options) - {"resolution"})
-    if unknown:
-        raise ValueError(f"model.options {unknown} are not BAGEL options; it takes resolution=N (square, a multiple "
-                         "of 16, default 512)")
+    options = model.option_dict({"resolution"}, "BAGEL", "resolution=N: square, a multiple of 16, default 512")
     resolution = int(options["resolution"]) if "resolution" in options else (
         int(meta["resolution"]) if meta else default_resolution(base))
     bagel, vae, _ = load_modules(base, device=device, dtype=torch.bfloat16)
