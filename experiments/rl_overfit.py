@@ -20,7 +20,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     from alphagrpo.rewards import DVReward
     from alphagrpo.commands.common import setup_logging
-    from alphagrpo.models.registry import ModelConfig, load_policy
+    from alphagrpo.models.registry import load_policy
     from alphagrpo.train.config import apply_overrides, get_recipe
     from alphagrpo.eval.evaluate import evaluate
     from alphagrpo.train.loop import train

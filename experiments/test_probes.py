@@ -1,8 +1,6 @@
 """Tests of the shapes-world research probes (not part of the default suite: ``pytest experiments``)."""
 import json
 
-import pytest
-import torch
 
 TINY = ["--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "micro_batch=4", "--set",
         "sampler.num_steps=3", "--set", "sampler.window=1", "--set", "sampler.window_starts=0", "--set",

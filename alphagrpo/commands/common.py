@@ -53,7 +53,7 @@ def check_device(device: str) -> None:
             raise ValueError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
-def writable_dir(path) -> "Path":
+def writable_dir(path):
     """Create folder ``path`` (and parents) and check that files can be written there; one clear error if not."""
     import os
     import tempfile

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from alphagrpo.commands.common import add_config_arguments, resolve_config, setup_logging, writable_dir
 from alphagrpo.train.loop import train

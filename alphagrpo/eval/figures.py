@@ -3,12 +3,15 @@ noise levels, refinement before/after with per-question scores, and the reward c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 
 from alphagrpo.models.policy import CFGConfig, GenRequest
+
+if TYPE_CHECKING:
+    from alphagrpo.eval.refine import RefineResult
 
 
 def save_grid(path: str | Path, images, captions: Sequence[str], correct: Optional[Sequence[bool]] = None,

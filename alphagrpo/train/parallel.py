@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
